@@ -1,0 +1,58 @@
+"""Shared test fixtures: tiny datasets in torchvision's on-disk layout, so the real loaders run."""
+import gzip
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def write_idx(path, array):
+    """Write an IDX file (the MNIST format): magic (0, 0, dtype 0x08 = ubyte, ndim), dims, data."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.tobytes())
+    with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:  # torchvision checks the .gz too
+        dst.write(src.read())
+
+
+def digit_images(labels, size=28, seed=0):
+    """Synthetic 'digits': class k is a bright bar at a class-specific position and angle, plus noise.
+    Distinct per class (so a classifier can learn them) and varied within a class."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] - (size - 1) / 2
+    out = np.zeros((len(labels), size, size))
+    for i, k in enumerate(labels):
+        a = np.pi * k / 10 + rng.normal(0, 0.05)
+        d = np.abs(np.cos(a) * yy - np.sin(a) * xx - (k % 3 - 1) * 4)
+        out[i] = np.clip(1.5 - d / 1.5, 0, 1) * (np.hypot(yy, xx) < size / 2.2)
+    out = np.clip(out + rng.normal(0, 0.05, out.shape), 0, 1)
+    return (out * 255).astype(np.uint8)
+
+
+def make_mnist_like(root, folder="MNIST", n_train=600, n_test=200, n_classes=10, prefix=""):
+    raw = os.path.join(root, folder, "raw")
+    os.makedirs(raw, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % n_classes
+        write_idx(os.path.join(raw, f"{prefix}{split}-images-idx3-ubyte"), digit_images(labels, seed=n))
+        write_idx(os.path.join(raw, f"{prefix}{split}-labels-idx1-ubyte"), labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory):
+    """A data root holding a tiny synthetic MNIST (600 train, 200 test) in torchvision's layout."""
+    return str(make_mnist_like(tmp_path_factory.mktemp("data")))
+
+
+def run_script(*args, timeout=300):
+    """Run a project script as a user would; returns the CompletedProcess (never raises on failure)."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
