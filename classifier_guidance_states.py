@@ -104,13 +104,12 @@ def guided_step(model, clf, s, x, i, y, scale):
     return ab_prev.sqrt() * x0_hat + (1 - ab_prev).sqrt() * eps
 
 
-def guided_sample(model, clf, s, label, n, gen, scale=1.0, batch=5000):
-    """n samples of class `label`, in batches of `batch` points (the gradient's memory grows with the batch)."""
+def guided_sample(model, clf, s, labels, gen, scale=1.0, batch=25000):
+    """One sample per entry of `labels` (any mix of classes), in batches of `batch` points: the classifier's
+    gradient keeps its activations, so memory grows with the batch."""
     out = []
-    for b in range(0, n, batch):
-        m = min(batch, n - b)
-        x = torch.randn(m, 2, generator=gen, device=s.beta.device)
-        y = torch.full((m,), label, device=x.device, dtype=torch.long)
+    for y in labels.to(s.beta.device).split(batch):
+        x = torch.randn(len(y), 2, generator=gen, device=y.device)
         for i in reversed(range(s.T)):
             x = guided_step(model, clf, s, x, i, y, scale)
         out.append(x.detach().cpu())
@@ -162,13 +161,14 @@ def main():
     p.add_argument("--denoiser", default=None, help="denoiser.pt from ddpm_states.py (default: train one here)")
     p.add_argument("--scale", type=common.nonneg_float, default=1.0, help="guidance scale s (0 = unguided DDIM)")
     p.add_argument("--n-samples", type=common.positive_int, default=5000, help="samples per state")
-    p.add_argument("--grad-batch", type=common.positive_int, default=5000, help="points per guided-sampling batch")
+    p.add_argument("--grad-batch", type=common.positive_int, default=25000,
+                   help="points per guided-sampling batch (lower it if memory is short)")
     p.add_argument("--clf-steps", type=common.positive_int, default=2000, help="classifier optimisation steps")
     p.add_argument("--clf-batch-size", type=common.positive_int, default=10000, help="classifier points per step")
     p.add_argument("--clf-lr", type=common.positive_float, default=2e-3, help="classifier peak learning rate")
     ddpm.add_denoiser_args(p)  # used only when no --denoiser is given (and --data, --n-per-state always)
     args = p.parse_args()
-    ddpm.apply_quick(args, steps=200, batch_size=2000, clf_steps=200, clf_batch_size=2000, n_samples=500,
+    ddpm.apply_quick(args, T=100, steps=200, batch_size=2000, clf_steps=200, clf_batch_size=2000, n_samples=300,
                      n_per_state=200, eval_every=50)
     device = common.get_device(args.device)
     common.seed_everything(args.seed)
@@ -199,14 +199,14 @@ def main():
                          [0, s.T // 10, s.T // 4, s.T // 2, s.T - 1])
 
     t1 = time.time()
+    run.progress("sample", 0, 1, force=True)
     gen = torch.Generator(device=device).manual_seed(args.seed + 4)
-    samples, metrics = [], {}
+    labels = torch.arange(len(names)).repeat_interleave(args.n_samples)  # every state in the same batches
+    samples = guided_sample(model, clf, s, labels, gen, args.scale, args.grad_batch).split(args.n_samples)
+    metrics = {}
     for k, name in enumerate(names):
-        run.progress(f"sample {name}", k, len(names), force=True)
-        sk = guided_sample(model, clf, s, k, args.n_samples, gen, args.scale, args.grad_batch)
-        torch.save(sk, run.path(f"cond_gen_samples_{k}.pt"))
-        samples.append(sk)
-        real_k, train_k = xv[yv == k], x[y == k]
+        sk, real_k, train_k = samples[k], xv[yv == k], x[y == k]
+        torch.save(sk.clone(), run.path(f"cond_gen_samples_{k}.pt"))
         # reverse: a KDE of as many samples as there are training points of the state, so both KDEs of the
         # pair (samples, training points) get the same Scott bandwidth factor n^(-1/6)
         metrics[name] = {"nll": common.nll_score(sk, x), "nll_floor": common.nll_score(real_k, x),
@@ -222,8 +222,7 @@ def main():
             classifier_val_acc=hist["val_acc"][-1], train_time_s=round(train_s, 2),
             sample_time_s=round(sample_s, 2), device=str(device))
     plot_per_state(run.path("guided_samples.png"), samples, x, names, metrics)
-    common.scatter(run.path("guided_samples_all.png"), torch.cat(samples),
-                   torch.arange(len(names)).repeat_interleave(args.n_samples), background=x, names=names,
+    common.scatter(run.path("guided_samples_all.png"), torch.cat(samples), labels, background=x, names=names,
                    title=f"classifier guidance, s = {args.scale}")
     run.finish()
     print(f"done in {time.time() - t0:.0f}s -> {run.dir}")

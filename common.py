@@ -390,8 +390,13 @@ def nll_score(points, reference):
 
 
 # ----------------------------------------------------------------------------- image datasets
-IMAGE_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+IMAGE_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "emnist-balanced": "EMNIST"}
+# EMNIST "balanced": 47 classes, index -> character as in the official emnist-balanced-mapping.txt. Upper and lower
+# case letters that look alike (c, i, j, k, l, m, o, p, s, u, v, w, x, y, z) are merged into the upper-case class.
+EMNIST_BALANCED_CLASSES = list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ") + list("abdefghnqrt")
 _RAW_FILES = {
+    "EMNIST": ["emnist-balanced-train-images-idx3-ubyte", "emnist-balanced-train-labels-idx1-ubyte",
+               "emnist-balanced-test-images-idx3-ubyte", "emnist-balanced-test-labels-idx1-ubyte"],
     "MNIST": ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
     "FashionMNIST": ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                      "t10k-labels-idx1-ubyte"],
@@ -401,6 +406,7 @@ _RAW_FILES = {
 
 def load_image_dataset(name="mnist", root="./data", train=True, val_size=5000, seed=0):
     """Images as a float tensor in [-1, 1] (N, C, H, W) and int64 labels, loaded through torchvision.
+    name: mnist, fashion-mnist, cifar10 or emnist-balanced (upright; classes in EMNIST_BALANCED_CLASSES).
 
     train=True returns (x_train, y_train, x_val, y_val) with `val_size` images held out of the
     training split by a fixed permutation; train=False returns (x_test, y_test).
@@ -412,9 +418,10 @@ def load_image_dataset(name="mnist", root="./data", train=True, val_size=5000, s
         raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(IMAGE_DATASETS)}")
     cls_name = IMAGE_DATASETS[name]
     cls = getattr(torchvision.datasets, cls_name)
+    extra = {"split": "balanced"} if cls_name == "EMNIST" else {}
     try:
         with contextlib.redirect_stdout(sys.stderr):  # torchvision prints download chatter to stdout
-            ds = cls(root, train=train, download=True)
+            ds = cls(root, train=train, download=True, **extra)
     except Exception as e:
         folder = os.path.join(root, cls_name, "raw") if cls_name != "CIFAR10" else root
         raise UsageError(f"{name} not found under {folder} (looked for {', '.join(_RAW_FILES[cls_name])}) "
@@ -422,6 +429,8 @@ def load_image_dataset(name="mnist", root="./data", train=True, val_size=5000, s
                          f"that holds {cls_name}/") from None
     data = torch.as_tensor(np.asarray(ds.data))
     x = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)  # CIFAR is stored N x H x W x C
+    if cls_name == "EMNIST":  # EMNIST stores each image transposed (column-major): swap H and W to stand it upright
+        x = x.transpose(2, 3)
     x = x.float().div(127.5).sub(1.0)
     y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
     if not train:

@@ -422,7 +422,7 @@ def build_parser():
     p = common.make_parser(__doc__)
     p.add_argument("--preset", choices=["gpu", "cpu"], default="gpu", help="flag defaults: gpu (the full run) or cpu "
                    "(2 CPU cores, about 20 min of training); --quick overrides both")
-    p.add_argument("--dataset", default="mnist", choices=evaluate.JUDGE_DATASETS, help="1 x 28 x 28 dataset")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"], help="1 x 28 x 28, 10-class dataset")
     p.add_argument("--data-root", default="./data", help="torchvision data root (holds MNIST/raw)")
     p.add_argument("--channels", type=channels_arg, help="U-Net widths at 28, 14 and 7 pixels")
     p.add_argument("--T", type=common.positive_int, help="number of diffusion steps")

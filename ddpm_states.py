@@ -224,7 +224,7 @@ def main():
     p.add_argument("--sigma", default="beta", choices=["beta", "beta_tilde"], help="reverse-step variance sigma_t^2")
     p.add_argument("--n-samples", type=common.positive_int, default=5000, help="samples to draw and score")
     args = p.parse_args()
-    apply_quick(args, steps=200, batch_size=2000, n_samples=1000, n_per_state=200, eval_every=50)
+    apply_quick(args, T=100, steps=200, batch_size=2000, n_samples=1000, n_per_state=200, eval_every=50)
     if not 0 < args.beta_start < args.beta_end < 1:
         raise common.UsageError(f"need 0 < --beta-start < --beta-end < 1, got {args.beta_start}, {args.beta_end}")
     device = common.get_device(args.device)
@@ -238,11 +238,14 @@ def main():
         model, hist = train_denoiser(x, xv, args, device, run)
     except FloatingPointError as e:
         msg, last_good = e.args
-        if last_good is not None:
+        if last_good is not None:  # the weights of the last evaluation whose losses were all finite
             torch.save({**denoiser_checkpoint(Denoiser(args.hidden, args.layers), args, {}), "model": last_good},
                        run.path("denoiser.pt"))
+            msg += f"; the last good weights are in {run.path('denoiser.pt')}"
+        else:
+            msg += "; it failed before the first evaluation, so no checkpoint was written"
         run.finish("failed", msg)
-        raise SystemExit(f"{SCRIPT}: {msg}; the last good weights are in {run.path('denoiser.pt')}")
+        raise SystemExit(f"{SCRIPT}: error: {msg}")
     train_s = time.time() - t0
     torch.save(denoiser_checkpoint(model, args, hist), run.path("denoiser.pt"))
 

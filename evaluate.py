@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import common
 
-JUDGE_DATASETS = ("mnist", "fashion-mnist")  # 1 x 28 x 28 datasets that common.load_image_dataset knows
+JUDGE_DATASETS = ("mnist", "fashion-mnist", "emnist-balanced")  # 1 x 28 x 28 datasets that common.load_image_dataset knows
 DEFAULT_EPOCHS = 3.0
 SHAPE = (1, 28, 28)
 
@@ -131,7 +131,7 @@ def train_judge(dataset, data_root, device, epochs=DEFAULT_EPOCHS, batch=128, lr
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(0)
         judge = Judge(int(y.max()) + 1).to(device)
-        steps = max(1, math.ceil(epochs * len(x) / batch))
+        steps = max(10, math.ceil(epochs * len(x) / batch))  # OneCycleLR needs a few steps per phase
         opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
         judge.train()

@@ -37,20 +37,35 @@ def digit_images(labels, size=28, seed=0):
     return (out * 255).astype(np.uint8)
 
 
-def make_mnist_like(root, folder="MNIST", n_train=600, n_test=200, n_classes=10, prefix=""):
+def make_mnist_like(root, folder="MNIST", n_train=600, n_test=200, n_classes=10, prefix="", splits=("train", "t10k"),
+                    transpose=False):
+    """Synthetic images in torchvision's raw layout. transpose=True stores each image transposed, as EMNIST does."""
     raw = os.path.join(root, folder, "raw")
     os.makedirs(raw, exist_ok=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
+    for split, n in zip(splits, (n_train, n_test)):
         labels = np.arange(n) % n_classes
-        write_idx(os.path.join(raw, f"{prefix}{split}-images-idx3-ubyte"), digit_images(labels, seed=n))
+        images = digit_images(labels, seed=n)
+        write_idx(os.path.join(raw, f"{prefix}{split}-images-idx3-ubyte"),
+                  images.transpose(0, 2, 1) if transpose else images)
         write_idx(os.path.join(raw, f"{prefix}{split}-labels-idx1-ubyte"), labels)
     return root
+
+
+def make_emnist_like(root, n_train=47 * 12, n_test=47 * 4):
+    """A tiny EMNIST 'balanced' (47 classes), stored transposed like the real files."""
+    return make_mnist_like(root, "EMNIST", n_train, n_test, 47, "emnist-balanced-", ("train", "test"), transpose=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory):
     """A data root holding a tiny synthetic MNIST (600 train, 200 test) in torchvision's layout."""
     return str(make_mnist_like(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
+def tiny_emnist(tmp_path_factory):
+    """A data root holding a tiny synthetic EMNIST balanced split (564 train, 188 test) in torchvision's layout."""
+    return str(make_emnist_like(tmp_path_factory.mktemp("emnist")))
 
 
 def run_script(*args, timeout=300):

@@ -154,7 +154,7 @@ def test_classifier_guidance_quick_outputs(ddpm_run, tmp_path):
     means = []
     for k in range(5):
         sk = torch.load(os.path.join(d, f"cond_gen_samples_{k}.pt"))
-        assert sk.shape == (500, 2) and torch.isfinite(sk).all() and sk.std(0).min() > 0.01
+        assert sk.shape == (300, 2) and torch.isfinite(sk).all() and sk.std(0).min() > 0.01
         means.append(sk.mean(0))
     assert torch.cdist(torch.stack(means), torch.stack(means)).fill_diagonal_(9).min() > 0.5  # distinct states
     m = read(d, "metrics.json")
@@ -194,3 +194,30 @@ def test_malformed_data_and_foreign_checkpoint(tmp_path):
         r = run_script(script, *args, "--quick", "--out", str(out))
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_weights(tmp_path, monkeypatch):
+    """The denoiser's output turns NaN from the 61st training step on: the run must stop naming step 60
+    (0-based), mark itself failed, and leave the weights of the evaluation at step 50 in denoiser.pt."""
+    calls = {"n": 0}
+    forward = ddpm.Denoiser.forward
+
+    def poisoned(self, x, tb):
+        out = forward(self, x, tb)
+        if torch.is_grad_enabled():  # a training step, not a validation pass
+            calls["n"] += 1
+            if calls["n"] > 60:
+                out = out * float("nan")
+        return out
+
+    monkeypatch.setattr(ddpm.Denoiser, "forward", poisoned)
+    monkeypatch.setattr("sys.argv", ["ddpm_states.py", "--quick", "--out", str(tmp_path), "--run-id", "nan"])
+    with pytest.raises(SystemExit) as e:
+        ddpm.main()
+    assert "at step 60" in str(e.value.code) and "last good weights" in str(e.value.code)
+    d = tmp_path / "ddpm_states" / "nan"
+    status = read(d, "status.json")
+    assert status["state"] == "failed" and "step 60" in status["message"]
+    model, _ = ddpm.load_denoiser(str(d / "denoiser.pt"), "cpu")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not (d / "uncond_gen_samples.pt").exists()
