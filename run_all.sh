@@ -25,10 +25,10 @@ step() {  # step NAME COMMAND...: run one script, log to outputs/logs/NAME.log
   echo "== $name: $*"
   if ! "$@" $QUICK --device "$DEVICE" --run-id "$RUN_ID" >"$log" 2>&1; then
     echo "run_all.sh: step '$name' failed; see $log" >&2
-    tail -n 5 "$log" >&2
+    tr '\r' '\n' <"$log" | grep -v '^[[:space:]]*$' | tail -n 5 >&2
     exit 1
   fi
-  echo "   done in $(( $(date +%s) - t0 )) s; $(tail -n 1 "$log")"
+  echo "   done in $(( $(date +%s) - t0 )) s; $(tr '\r' '\n' <"$log" | grep -v '^[[:space:]]*$' | tail -n 1)"
 }
 
 step states_ddpm "$PY" ddpm_states.py
