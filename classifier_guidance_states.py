@@ -52,7 +52,7 @@ def train_classifier(x, y, xv, yv, s, args, device, run=None):
     device. Validation uses fixed t and eps. Returns (model, history with loss and accuracy curves)."""
     clf = Classifier(int(max(y.max(), yv.max())) + 1).to(device)
     opt = torch.optim.Adam(clf.parameters(), lr=args.clf_lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.clf_lr, total_steps=args.clf_steps, pct_start=0.05)
+    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.clf_lr, total_steps=args.clf_steps, pct_start=0.05)
     x, y, xv, yv = x.to(device), y.to(device), xv.to(device), yv.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed + 3)
     tv = torch.randint(0, s.T, (len(xv),), generator=g, device=device)
@@ -68,7 +68,7 @@ def train_classifier(x, y, xv, yv, s, args, device, run=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        lr_sched.step()
         losses[step] = loss.detach()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.clf_steps:
             chunk = losses[max(0, step + 1 - args.eval_every): step + 1]

@@ -99,7 +99,7 @@ def train_denoiser(x, xv, args, device, run=None):
     s = Schedule(args.T, args.beta_start, args.beta_end, device)
     model = Denoiser(args.hidden, args.layers).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     x, xv = x.to(device), xv.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed + 1)
     tv = torch.randint(0, args.T, (len(xv),), generator=g, device=device)
@@ -116,7 +116,7 @@ def train_denoiser(x, xv, args, device, run=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        lr_sched.step()
         losses[step] = loss.detach()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             chunk = losses[max(0, step + 1 - args.eval_every): step + 1]
