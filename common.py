@@ -70,6 +70,29 @@ def nonneg_float(s):
     return v
 
 
+def nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {s}")
+    return v
+
+
+def int_list(count=None, least=1):
+    """An argparse type for comma-separated positive integers such as U-Net widths "64,128,256":
+    exactly `count` of them when given, else at least `least`."""
+    def parse(s):
+        try:
+            vals = tuple(int(c) for c in str(s).split(","))
+        except ValueError:
+            vals = ()
+        n_ok = len(vals) == count if count else len(vals) >= least
+        if not n_ok or min(vals, default=0) <= 0:
+            want = f"{count}" if count else f"{least} or more"
+            raise argparse.ArgumentTypeError(f"expected {want} positive integers like 64,128,256, got {s!r}")
+        return vals
+    return parse
+
+
 def positive_float(s):
     v = float(s)
     if not v > 0 or not math.isfinite(v):

@@ -37,7 +37,6 @@ Defaults (the GPU run) follow the literature for 28x28: channels 64,128,256 and 
 Usage: python ddpm_mnist_cfg.py [--preset cpu] [--quick] [--w 2] ... ;
        python ddpm_mnist_cfg.py --generate 7 --n 64 --checkpoint outputs/ddpm_mnist_cfg/RUN/checkpoint.pt
 """
-import argparse
 import copy
 import math
 import os
@@ -408,14 +407,7 @@ def evaluate_run(model, sched, args, run, device):
 
 
 # ----------------------------------------------------------------------------- main
-def channels_arg(s):
-    try:
-        chans = tuple(int(c) for c in s.split(","))
-    except ValueError:
-        chans = ()
-    if len(chans) != 3 or min(chans) <= 0:
-        raise argparse.ArgumentTypeError(f"expected three positive integers like 64,128,256, got {s!r}")
-    return chans
+channels_arg = common.int_list(3)  # U-Net widths at 28, 14 and 7 pixels
 
 
 def build_parser():

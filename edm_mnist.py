@@ -39,7 +39,6 @@ Presets: the default (gpu) trains 25 epochs (469 steps each at batch 128 on all 
 Usage: python edm_mnist.py [--preset cpu] [--quick] [--epochs 25] [--sample-steps 18] [--sigma-data measured] ... ;
        python edm_mnist.py --checkpoint outputs/edm_mnist/RUN/checkpoint.pt   (sample and score only)
 """
-import argparse
 import copy
 import math
 import os
@@ -481,21 +480,8 @@ def evaluate_run(D, args, run, device):
 
 
 # ----------------------------------------------------------------------------- main
-def channels_arg(s):
-    try:
-        chans = tuple(int(c) for c in s.split(","))
-    except ValueError:
-        chans = ()
-    if len(chans) != 3 or min(chans) <= 0:
-        raise argparse.ArgumentTypeError(f"expected three positive integers like 64,128,256, got {s!r}")
-    return chans
+channels_arg = common.int_list(3)  # U-Net widths at 28, 14 and 7 pixels
 
-
-def nonneg_int(s):  # not in common.py (yet)
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {s}")
-    return v
 
 
 def sigma_data_arg(s):
@@ -514,7 +500,7 @@ def build_parser():
     p.add_argument("--P-mean", type=float, default=-1.2, help="mean of ln sigma during training")
     p.add_argument("--P-std", type=common.positive_float, default=1.2, help="standard deviation of ln sigma in training")
     p.add_argument("--epochs", type=common.positive_int, help="training epochs (total, when resuming)")
-    p.add_argument("--max-steps", type=nonneg_int,
+    p.add_argument("--max-steps", type=common.nonneg_int,
                    help="stop after this many optimizer steps (0: no limit)")
     p.add_argument("--max-minutes", type=common.nonneg_float, help="training wall-time budget (0: none)")
     p.add_argument("--batch-size", type=common.positive_int, help="images per step")

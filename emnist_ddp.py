@@ -37,7 +37,6 @@ Usage: python emnist_ddp.py --preset small --data-root ../shared/data
        sbatch slurm/emnist_ddp.sbatch ; sbatch slurm/emnist_ddp_multinode.sbatch   (Slurm, one or several nodes)
        python emnist_ddp.py --resume outputs/emnist_ddp/RUN/checkpoints/<name>.pt --epochs 60 --chars "ABCk3"
 """
-import argparse
 import csv
 import datetime
 import math
@@ -482,14 +481,7 @@ def evaluate_run(ema, args, device, run, history):
 
 
 # ----------------------------------------------------------------------------- main
-def channels_arg(s):
-    try:
-        chans = tuple(int(c) for c in s.split(","))
-    except ValueError:
-        chans = ()
-    if len(chans) < 2 or min(chans) <= 0:
-        raise argparse.ArgumentTypeError(f"expected two or more positive integers like 64,128,256, got {s!r}")
-    return chans
+channels_arg = common.int_list(least=2)  # U-Net widths, one per resolution level
 
 
 def build_parser():

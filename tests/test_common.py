@@ -75,3 +75,20 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(common.UsageError):
             common.get_device("cuda")
+
+
+def test_argparse_types_reject_bad_values_in_one_line(tmp_path):
+    import argparse
+    three, some = common.int_list(3), common.int_list(least=2)
+    assert three("64,128,256") == (64, 128, 256) and some("8,16") == (8, 16)
+    for parse, bad in ((three, "64,128"), (three, "64,x,256"), (three, "64,0,256"), (some, "8")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)
+    assert common.nonneg_int("0") == 0
+    with pytest.raises(argparse.ArgumentTypeError):
+        common.nonneg_int("-1")
+    p = common.make_parser("doc")
+    p.add_argument("--channels", type=three)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--channels", "1,2"])
+    assert e.value.code == 2
