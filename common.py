@@ -100,6 +100,14 @@ def positive_float(s):
     return v
 
 
+def decay(s):
+    """An EMA decay: a number in [0, 1) (1 would freeze the average at its initial weights)."""
+    v = float(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return v
+
+
 def run_main(main):
     """Call main(); turn a UsageError into one line on stderr and exit code 2."""
     try:
@@ -187,14 +195,30 @@ class Run:
         return os.path.join(self.dir, name)
 
     def _mark_latest(self, root):
-        """outputs/LATEST_RUN.txt and the outputs/current symlink name the newest run."""
+        """outputs/LATEST_RUN.txt and the outputs/current symlink name the newest run; outputs/dashboard.html
+        (a copy of assets/dashboard.html, refreshed when it differs) shows it live."""
         with contextlib.suppress(OSError):
-            with open(os.path.join(root, "LATEST_RUN.txt"), "w") as f:
+            latest = os.path.join(root, "LATEST_RUN.txt")
+            with open(latest + f".tmp{os.getpid()}", "w") as f:  # atomic: the dashboard polls this file
                 f.write(os.path.join(self.script, self.run_id) + "\n")
+            os.replace(latest + f".tmp{os.getpid()}", latest)
             link = os.path.join(root, "current")
             tmp = link + f".tmp{os.getpid()}"
             os.symlink(os.path.join(self.script, self.run_id), tmp)
             os.replace(tmp, link)
+        with contextlib.suppress(OSError):
+            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "dashboard.html"), "rb") as f:
+                page = f.read()
+            dest = os.path.join(root, "dashboard.html")
+            try:
+                with open(dest, "rb") as f:
+                    same = f.read() == page
+            except FileNotFoundError:
+                same = False
+            if not same:
+                with open(dest + f".tmp{os.getpid()}", "wb") as f:
+                    f.write(page)
+                os.replace(dest + f".tmp{os.getpid()}", dest)
 
     def _write_status(self):
         elapsed = time.time() - self.t0

@@ -126,13 +126,16 @@ def ddim_step(model, x, t, t_prev, y, w, eta, alpha_bar, z=None, clip=True):
 
 
 @torch.no_grad()
-def ddim_sample(model, alpha_bar, tau, y, w, eta, x_T, gen=None, clip=True):
+def ddim_sample(model, alpha_bar, tau, y, w, eta, x_T, gen=None, clip=True, on_step=None):
     """Run ddim_step along tau (decreasing, ending at 0) from x_T. Noise is drawn only where sigma > 0, in the
-    same order as ddpm_mnist_cfg.sample draws it, so eta = 1 on every step repeats that sampler draw for draw."""
+    same order as ddpm_mnist_cfg.sample draws it, so eta = 1 on every step repeats that sampler draw for draw.
+    on_step(k, S) is called after step k of S (progress reports)."""
     x = x_T
-    for t, t_prev in zip(tau[:-1], tau[1:]):
+    for k, (t, t_prev) in enumerate(zip(tau[:-1], tau[1:])):
         z = torch.randn(x.shape, generator=gen).to(x.device) if eta > 0 and t_prev > 0 else None
         x, _, _ = ddim_step(model, x, t, t_prev, y, w, eta, alpha_bar, z, clip)
+        if on_step:
+            on_step(k + 1, len(tau) - 1)
     return x
 
 
@@ -158,14 +161,16 @@ def slerp(a, b, lam):
 
 
 def generate(name, fn, labels, args, run, seed):
-    """Sample len(labels) images in batches with fn(y, gen) -> x_0; returns (images on the CPU, seconds per batch).
+    """Sample len(labels) images in batches with fn(y, gen, on_step) -> x_0; returns (images on the CPU, seconds per
+    batch). on_step(k, S) after step k of S keeps status.json moving inside a long batch.
     A generator per call seeded with `seed`, and every sampler draws x_T first: the first batch starts from the same
     x_T (and labels) in every sampler, so grids compare image by image."""
     gen, out, secs = torch.Generator().manual_seed(seed), [], []
     batches = labels.split(args.sample_batch)
     for b, yb in enumerate(common.progress_bar(batches, desc=name, leave=False)):
         t0 = time.perf_counter()
-        out.append(fn(yb.to(args.device), gen).clamp(-1, 1).cpu())  # .cpu() waits for the device: honest timing
+        on_step = lambda k, S, b=b: run.progress(name, b * S + k, len(batches) * S)  # noqa: E731
+        out.append(fn(yb.to(args.device), gen, on_step).clamp(-1, 1).cpu())  # .cpu() waits for the device
         secs.append(time.perf_counter() - t0)
         run.progress(name, b + 1, len(batches))
     return torch.cat(out), secs
@@ -173,16 +178,17 @@ def generate(name, fn, labels, args, run, seed):
 
 # ----------------------------------------------------------------------------- evaluation: the study
 def samplers(model, cfg, args, alpha_bar):
-    """{name: (sampler, eta, steps, fn(y, gen))}: DDIM at every (eta, S) and the T-step DDPM sampler."""
+    """{name: (sampler, eta, steps, fn(y, gen, on_step))}: DDIM at every (eta, S) and the T-step DDPM sampler."""
     T, sched = cfg["T"], D.make_schedule(cfg["schedule"], cfg["T"], args.device)
-    out = {f"ddpm_T{T}": ("DDPM", 1.0, T, lambda y, g: D.sample(model, sched, y, args.w, gen=g)[0])}
+    out = {f"ddpm_T{T}": ("DDPM", 1.0, T, lambda y, g, cb=None: D.sample(
+        model, sched, y, args.w, gen=g, on_step=cb and (lambda k: cb(k, T)))[0])}
     for eta in args.etas:
         for S in args.steps:
             tau = timesteps(T, S, args.spacing)
 
-            def fn(y, g, tau=tau, eta=eta):  # x_T drawn first from g, exactly as ddpm_mnist_cfg.sample does
+            def fn(y, g, cb=None, tau=tau, eta=eta):  # x_T drawn first from g, as ddpm_mnist_cfg.sample does
                 x_T = torch.randn((len(y), 1, 28, 28), generator=g).to(y.device)
-                return ddim_sample(model, alpha_bar, tau, y, args.w, eta, x_T, g)
+                return ddim_sample(model, alpha_bar, tau, y, args.w, eta, x_T, g, on_step=cb)
             out[f"ddim_eta{eta:g}_S{S}"] = ("DDIM", eta, S, fn)
     return out
 

@@ -15,7 +15,7 @@ of the T steps, so the chain never contracts onto the data and the samples are a
 instead of outlines. The two variance choices are Ho et al.'s upper (beta_t) and lower (beta_tilde_t) bounds.
 
 The score is the negative log-likelihood of the samples under a Gaussian KDE of the training points
-(common.nll_score), and the reverse direction (held-out real points under a KDE of the samples), which drops
+(common.nll_score), and the reverse direction (held-out real points under a KDE of the samples), which rises
 when a part of an outline is missing from the samples.
 
 Usage:  python ddpm_states.py            (default run, ~4 minutes on 2 CPU cores)

@@ -84,7 +84,8 @@ def n_groups(ch):
 
 def sinusoidal_embedding(c_noise, dim):
     """[cos(c_noise w_k), sin(c_noise w_k)], w_k = 10000^(-k/(dim/2)): EDM's PositionalEmbedding, applied to
-    c_noise = ln(sigma)/4 directly (its range, about -2.6..1.1, is covered by the low-k frequencies)."""
+    c_noise = ln(sigma)/4 directly (sampling spans ln(0.002)/4 = -1.55 to ln(80)/4 = 1.10, which the low-k
+    frequencies cover)."""
     freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=c_noise.device) / (dim // 2))
     args = c_noise.float()[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], dim=1)
@@ -321,9 +322,11 @@ def train(args, run, x, device, config, resume=None):
 
 # ----------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def edm_sampler(denoise, latents, sigmas, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, gen=None):
+def edm_sampler(denoise, latents, sigmas, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, gen=None,
+                on_step=None):
     """Heun's method on dx/dsigma = (x - D(x, sigma)) / sigma over `sigmas` (ending at 0), with optional churn.
-    denoise(x, sigma) -> D(x, sigma), sigma a python float; latents ~ N(0, I). Returns x at sigma = 0."""
+    denoise(x, sigma) -> D(x, sigma), sigma a python float; latents ~ N(0, I). Returns x at sigma = 0.
+    on_step(i + 1, N) after each step (progress reports)."""
     N = len(sigmas) - 1
     x_next = latents * float(sigmas[0])
     for i in range(N):
@@ -337,6 +340,8 @@ def edm_sampler(denoise, latents, sigmas, S_churn=0.0, S_min=0.0, S_max=float("i
         if t_next > 0:                                                  # Heun correction (not on the step to 0)
             d_prime = (x_next - denoise(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        if on_step:
+            on_step(i + 1, N)
     return x_next
 
 
@@ -348,7 +353,8 @@ def generate(D, n, steps, args, run, phase, device):
     sizes = [min(args.sample_batch, n - i) for i in range(0, n, args.sample_batch)]
     for b, size in enumerate(common.progress_bar(sizes, desc=f"{phase} ({steps} steps)", leave=False)):
         latents = torch.randn((size, 1, 28, 28), generator=gen).to(device)
-        x = edm_sampler(D, latents, sigmas, args.S_churn, args.S_min, args.S_max, args.S_noise, gen)
+        x = edm_sampler(D, latents, sigmas, args.S_churn, args.S_min, args.S_max, args.S_noise, gen,
+                        on_step=lambda k, N, b=b: run.progress(phase, b * N + k, len(sizes) * N))
         out.append(x.clamp(-1, 1).cpu())
         run.progress(phase, b + 1, len(sizes))
     if device.type == "cuda":
@@ -559,6 +565,7 @@ def main():
     if args.checkpoint or args.resume:
         ckpt = common.load_checkpoint(args.checkpoint or args.resume, SCRIPT, "model")
         args.channels, args.sigma_data = tuple(ckpt["config"]["channels"]), ckpt["config"]["sigma_data"]
+        args.dataset = ckpt["config"].get("dataset", args.dataset)  # judge and resume on the data it was trained on
     x = load_data(args) if not args.checkpoint else None
     if args.sigma_data == "measured":
         args.sigma_data = round(float(x.std()), 4)

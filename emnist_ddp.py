@@ -60,7 +60,7 @@ CLASSES = common.EMNIST_BALANCED_CLASSES  # index -> character (47)
 COMMON = dict(T=600, epochs=50, lr=1e-4, n_per_class=100, grid_per_class=10, sample_batch=2350, frame_every=None)
 PRESETS = {
     "tiny": dict(COMMON, image_size=16, channels="8,16,32", batch_size=32, T=20, epochs=2, n_per_class=2,
-                 grid_per_class=2, sample_batch=512),
+                 grid_per_class=2, sample_batch=512, judge_epochs=0.05),
     "small": dict(COMMON, image_size=28, channels="64,128,256", batch_size=2048),
     "medium": dict(COMMON, image_size=64, channels="64,128,256,256", batch_size=384, sample_batch=940),
     "large": dict(COMMON, image_size=96, channels="96,192,384,384", batch_size=96, sample_batch=470),
@@ -286,8 +286,10 @@ def train(args, data, device, run, resume):
         if dist.is_initialized():  # the global-batch loss of each step: the mean of the ranks' equal-sized shards
             dist.all_reduce(losses)
             losses /= WORLD
-        if not torch.isfinite(losses).all():
-            raise RuntimeError(f"non-finite loss in epoch {epoch + 1}; the last good checkpoint is kept")
+        if not torch.isfinite(losses).all():  # checked once an epoch: a per-step check would sync every step
+            bad = step - len(losses) + int((~torch.isfinite(losses)).nonzero()[0]) + 1
+            kept = f"the last good checkpoint (epoch {epoch}) is kept" if epoch else "no checkpoint was written yet"
+            raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {epoch + 1}); {kept}")
         secs = time.time() - t0
         if run:
             ls = losses.cpu().numpy()
@@ -317,6 +319,10 @@ def train(args, data, device, run, resume):
     return ema.eval(), history
 
 
+class NonFiniteLoss(RuntimeError):
+    """A NaN or inf training loss: the run stops with the step, keeping the last good checkpoint."""
+
+
 def write_metrics(run, args, history):
     """metrics.csv (a row per epoch), metrics_snapshot.json (config + rows) and the last row in metrics.json."""
     keys = list(dict.fromkeys(k for r in history for k in r))
@@ -331,8 +337,9 @@ def write_metrics(run, args, history):
 
 # ----------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def sample(model, sched, y, w, size, gen, record_every=0):
-    """Guided ancestral sampling (see the docstring); returns x_0 and x_t every `record_every` steps (with x_T)."""
+def sample(model, sched, y, w, size, gen, record_every=0, on_step=None):
+    """Guided ancestral sampling (see the docstring); returns x_0 and x_t every `record_every` steps (with x_T).
+    on_step(k, T) after step k of T (progress reports)."""
     x = torch.randn((len(y), 1, size, size), generator=gen).to(y.device)
     traj = [x.cpu()] if record_every else []
     null = torch.full_like(y, model.null_class)
@@ -346,14 +353,18 @@ def sample(model, sched, y, w, size, gen, record_every=0):
             x = x + sched["beta_tilde"][i].sqrt() * torch.randn(x.shape, generator=gen).to(y.device)
         if record_every and (i % record_every == 0):
             traj.append(x.cpu())
+        if on_step:
+            on_step(len(sched["betas"]) - i, len(sched["betas"]))
     return x.clamp(-1, 1).cpu(), traj
 
 
 def generate(model, sched, labels, args, device, run, phase):
     gen, out = torch.Generator().manual_seed(args.seed + 1), []
+    n_batches = math.ceil(len(labels) / args.sample_batch)
     for b, yb in enumerate(labels.split(args.sample_batch)):
-        run.progress(phase, b, math.ceil(len(labels) / args.sample_batch), force=True)
-        out.append(sample(model, sched, yb.to(device), args.w, args.image_size, gen)[0])
+        run.progress(phase, b, n_batches, force=True)
+        out.append(sample(model, sched, yb.to(device), args.w, args.image_size, gen,
+                          on_step=lambda k, T, b=b: run.progress(phase, b * T + k, n_batches * T))[0])
     return torch.cat(out)
 
 
@@ -497,10 +508,10 @@ def build_parser():
     p.add_argument("--T", type=common.positive_int, help="diffusion steps")
     p.add_argument("--epochs", type=common.positive_int, help="total training epochs (also when resuming)")
     p.add_argument("--lr", type=common.positive_float, help="Adam learning rate")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps (0: none)")
+    p.add_argument("--warmup-steps", type=common.nonneg_int, default=0, help="linear learning-rate warm-up steps (0: none)")
     p.add_argument("--grad-clip", type=common.nonneg_float, default=1.0, help="clip the global gradient norm (0: off)")
     p.add_argument("--p-uncond", type=common.nonneg_float, default=0.1, help="label dropout to the null class")
-    p.add_argument("--ema-decay", type=common.nonneg_float, default=0.999, help="EMA decay after the warm-up")
+    p.add_argument("--ema-decay", type=common.decay, default=0.999, help="EMA decay after the warm-up")
     p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto", help="torch.distributed backend "
                    "(auto: nccl on CUDA, gloo otherwise)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass on CUDA")
@@ -590,3 +601,7 @@ if __name__ == "__main__":
         if RANK == 0:
             print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as e:  # status.json already says failed, with the same message
+        if RANK == 0:
+            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -168,6 +168,17 @@ def test_bad_input_under_torchrun_fails_everywhere_with_one_message(case, tiny_e
     assert not os.path.exists(os.path.join(out, "emnist_ddp"))  # nothing half-written
 
 
+def test_nan_loss_stops_with_the_step_and_exit_1(tiny_emnist, tmp_path):
+    out = str(tmp_path / "out")
+    r = run_script("emnist_ddp.py", *TINY, "--lr", "1e30", "--epochs", "2", "--data-root", tiny_emnist, "--out", out,
+                   "--run-id", "nan", timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert len(line) == 1 and "non-finite loss at step" in line[0]
+    status = json.load(open(os.path.join(out, "emnist_ddp", "nan", "status.json")))
+    assert status["state"] == "failed" and "non-finite loss at step" in status["message"]
+
+
 # ----------------------------------------------------------------------------- Slurm scripts
 @pytest.mark.parametrize("name", ["emnist_ddp.sbatch", "emnist_ddp_multinode.sbatch"])
 def test_slurm_script_parses_and_passes_only_known_flags(name):
