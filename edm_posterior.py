@@ -31,8 +31,8 @@ confidence, and the mean per-pixel posterior standard deviation.
 Usage: python edm_posterior.py --checkpoint outputs/edm_mnist/RUN/checkpoint.pt [--observed 0.7,0.2] [--digit 7]
        [--guidance masked|dps|none] [--mask random|box|half] [--quick]
 """
+import argparse
 import math
-import os
 import time
 
 import torch
@@ -223,7 +223,6 @@ def fraction(s):
 
 def fraction_list(s):
     """Comma-separated observed fractions, each in (0, 1]."""
-    import argparse
     try:
         return [fraction(v) for v in s.split(",")]
     except ValueError:

@@ -143,11 +143,11 @@ def install_chromium(request):
     say(request, "chromium not found: installing it with apt-get (this takes a few minutes, once)")
     t0 = time.monotonic()
     try:
-        r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+        r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=240)
         if r.returncode != 0:
             say(request, "apt-get install failed: running apt-get update, then trying again")
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True, timeout=600)
-            r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True, timeout=180)
+            r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as e:
         return f"apt-get timed out after {e.timeout} s"
     if r.returncode != 0:
