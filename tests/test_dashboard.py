@@ -372,7 +372,8 @@ def test_dashboard_follows_a_run_and_stops_polling_when_it_completes(server, pag
     run = make_run(out, "demo-run")  # the real code path: also installs out/dashboard.html
     assert (out / "dashboard.html").is_file()
     write_figure(run, "loss.png")
-    run.log(train_loss=0.5, eval={"fid": 3.25, "n": 100}, sweep=[{"w": 0.0, "fid": 9.5}, {"w": 1.0, "fid": 4.5}])
+    run.log(train_loss=0.5, eval={"fid": 3.25, "n": 100}, sweep=[{"w": 0.0, "fid": 9.5}, {"w": 1.0, "fid": 4.5}],
+            wide=[{f"column_{i}": i * 1.5 for i in range(40)}])  # a table wider than the window
     run.progress("train", 40, 100, force=True)
 
     page.goto(f"{server.url}/follow/dashboard.html?interval={INTERVAL_MS}")
@@ -383,6 +384,10 @@ def test_dashboard_follows_a_run_and_stops_polling_when_it_completes(server, pag
     assert page.js("document.getElementById('step-text').textContent") == "step 40 / 100"
     metrics = page.js("document.getElementById('metrics').textContent")
     assert "train_loss" in metrics and "eval.fid" in metrics and "3.25" in metrics and "9.5" in metrics
+    value_right = page.js("(() => { const th = [...document.querySelectorAll('#metrics-table th')]"
+                          ".find((t) => t.textContent === 'train_loss'); const r = document.createRange();"
+                          " r.selectNodeContents(th.nextElementSibling); return r.getBoundingClientRect().right; })()")
+    assert 0 < value_right < page.js("window.innerWidth")  # the number is on screen, not pushed out by a wide table
 
     write_figure(run, "samples.png", rgb=(40, 90, 200))  # the run draws a new figure, then reports progress
     run.progress("sample", 70, 100, force=True)
