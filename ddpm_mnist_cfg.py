@@ -242,7 +242,8 @@ def train(args, run, data, device, resume=None):
         step, history, best_val, bad_evals = resume["step"], resume["history"], resume["best_val"], resume["bad_evals"]
     ckpt_path = run.path("checkpoint.pt")
     gen = torch.Generator().manual_seed(args.seed)
-    t0, start, done, run_loss, run_n, stop = time.time(), step, step, 0.0, 0, "steps"
+    t0, start, done, stop = time.time(), step, step, "steps"
+    window = []  # this stretch's losses, kept on the device: one host copy per evaluation instead of a sync per step
     bar = common.progress_bar(range(step, args.steps), desc="train")
     for step in bar:
         model.train()
@@ -255,25 +256,30 @@ def train(args, run, data, device, resume=None):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = model(q_sample(x0, t, eps, sched), t, yb)
         loss = F.mse_loss(pred.float(), eps)
-        if not torch.isfinite(loss):
-            msg = f"loss is {loss.item()} at step {step}; the last good checkpoint is kept at {ckpt_path}"
-            run.finish("failed", msg)
-            print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
-            sys.exit(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema_update(ema, model, step, args.ema_decay)
-        done, run_loss, run_n = step + 1, run_loss + loss.item(), run_n + 1
+        window.append(loss.detach())
+        done = step + 1
         run.progress("train", done, args.steps)
         out_of_time = args.max_minutes > 0 and time.time() - t0 > 60 * args.max_minutes
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or out_of_time:
+            losses, window = torch.stack(window).float().cpu(), []
+            if not torch.isfinite(losses).all():  # checked before the checkpoint below can be overwritten
+                first = int((~torch.isfinite(losses)).nonzero()[0])
+                kept = (f"the last good checkpoint is kept at {ckpt_path}" if os.path.isfile(ckpt_path)
+                        else "no checkpoint was written yet")
+                msg = f"loss is {losses[first].item()} at step {step + 2 - len(losses) + first}; {kept}"
+                run.finish("failed", msg)
+                print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
+                sys.exit(1)
+            run_loss, run_n = float(losses.sum()), len(losses)
             val = validation_loss(ema, xv, yv, sched, device)
             plateau.step(val)
             for k, v in (("step", step + 1), ("train", run_loss / run_n), ("val", val), ("lr", opt.param_groups[0]["lr"])):
                 history[k].append(v)
-            run_loss, run_n = 0.0, 0
             best_val, bad_evals = (val, 0) if val < best_val else (best_val, bad_evals + 1)
             save_checkpoint(ckpt_path, model, ema, opt, plateau, config, step + 1, history, best_val, bad_evals)
             bar.set_postfix(train=f"{history['train'][-1]:.4f}", val=f"{val:.4f}")
