@@ -154,12 +154,21 @@ def load_checkpoint(path, script, kind=None):
 
 
 # ----------------------------------------------------------------------------- run folder
-def _write_json(path, obj):
-    """Write to a temp file, then rename: a reader never sees half a file."""
+def _write_atomic(path, text):
+    """Write to a temp file, then rename: a reader (the dashboard polls these files) never sees half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _write_json(path, obj):
+    _write_atomic(path, json.dumps(obj, indent=2, default=_json_default))
 
 
 def _json_default(o):
@@ -198,27 +207,16 @@ class Run:
         """outputs/LATEST_RUN.txt and the outputs/current symlink name the newest run; outputs/dashboard.html
         (a copy of assets/dashboard.html, refreshed when it differs) shows it live."""
         with contextlib.suppress(OSError):
-            latest = os.path.join(root, "LATEST_RUN.txt")
-            with open(latest + f".tmp{os.getpid()}", "w") as f:  # atomic: the dashboard polls this file
-                f.write(os.path.join(self.script, self.run_id) + "\n")
-            os.replace(latest + f".tmp{os.getpid()}", latest)
+            _write_atomic(os.path.join(root, "LATEST_RUN.txt"), os.path.join(self.script, self.run_id) + "\n")
             link = os.path.join(root, "current")
             tmp = link + f".tmp{os.getpid()}"
             os.symlink(os.path.join(self.script, self.run_id), tmp)
             os.replace(tmp, link)
         with contextlib.suppress(OSError):
-            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "dashboard.html"), "rb") as f:
-                page = f.read()
+            page = _read(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "dashboard.html"))
             dest = os.path.join(root, "dashboard.html")
-            try:
-                with open(dest, "rb") as f:
-                    same = f.read() == page
-            except FileNotFoundError:
-                same = False
-            if not same:
-                with open(dest + f".tmp{os.getpid()}", "wb") as f:
-                    f.write(page)
-                os.replace(dest + f".tmp{os.getpid()}", dest)
+            if not os.path.isfile(dest) or _read(dest) != page:
+                _write_atomic(dest, page)
 
     def _write_status(self):
         elapsed = time.time() - self.t0

@@ -77,7 +77,7 @@ def make_mask(kind, observed, seed, size=28):
 
 def observe(x_true, mask, noise, seed):
     """y = m * (x* + noise n): the observed pixels (zero elsewhere)."""
-    n = torch.randn(x_true.shape, generator=torch.Generator().manual_seed(seed + 7))
+    n = torch.randn(x_true.shape, generator=torch.Generator().manual_seed(seed + 7))  # not the mask's own stream
     return mask * (x_true + noise * n)
 
 

@@ -597,11 +597,7 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except common.UsageError as e:
+    except (common.UsageError, NonFiniteLoss) as e:  # bad input: 2; a NaN loss (status.json says failed): 1
         if RANK == 0:
             print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLoss as e:  # status.json already says failed, with the same message
-        if RANK == 0:
-            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, common.UsageError) else 1)

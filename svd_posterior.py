@@ -73,10 +73,12 @@ def spectrum_stats(s):
 
 
 def snapshot_svd(draws):
-    """X (784 x N, [0, 1] scale) and the singular values of X and of X minus its column mean."""
+    """X (784 x N, [0, 1] scale), the singular values of X and of Xc = X minus its column mean, and Xc's left
+    singular vectors U (the posterior's principal modes)."""
     X = ((draws.reshape(len(draws), -1).double() + 1) / 2).T
     Xc = X - X.mean(1, keepdim=True)
-    return X, torch.linalg.svdvals(X), torch.linalg.svdvals(Xc), torch.linalg.svd(Xc, full_matrices=False)[0]
+    U, s_c, _ = torch.linalg.svd(Xc, full_matrices=False)
+    return X, torch.linalg.svdvals(X), s_c, U
 
 
 def figure_spectra(path, spectra):
@@ -158,8 +160,9 @@ def main():
                           "measurement_noise", "guidance", "lambda_max", "lambda_min", "power", "likelihood_sigma",
                           "noise_aware_c", "zeta", "steps", "batch")} | {"observed": observed})
         t0, nb, snap = time.time(), -(-args.n_samples // args.batch), run.path(f"snapshots_{name}.pt")
-        if os.path.isfile(snap) and torch.load(snap, weights_only=False).get("key") == key:  # finished earlier
-            draws = torch.load(snap, weights_only=False)["draws"]
+        done = torch.load(snap, weights_only=False) if os.path.isfile(snap) else {}
+        if done.get("key") == key:  # this setting finished in an earlier run: reuse its draws
+            draws = done["draws"]
         else:
             draws = ensemble(D, y, mask, args, args.seed + 1000 * e, run.path(f"partial_{name}.pt"), key, device,
                              lambda b, _: run.progress(f"draws {name}", e * nb + b, len(args.observed) * nb, True))
