@@ -47,6 +47,11 @@ class Classifier(nn.Module):
 
 
 # ----------------------------------------------------------------------------- training
+def save_classifier(path, state, hist, n_classes, T):
+    torch.save({"script": SCRIPT, "kind": "classifier", "model": state, "history": hist,
+                "config": {"n_classes": n_classes, "T": T}}, path)
+
+
 def train_classifier(x, y, xv, yv, s, args, device, run=None):
     """Cross-entropy on noised points at random t; batches of indices drawn with replacement from the set on the
     device. Validation uses fixed t and eps. Returns (model, history with loss and accuracy curves)."""
@@ -59,6 +64,7 @@ def train_classifier(x, y, xv, yv, s, args, device, run=None):
     xv_t = ddpm.q_sample(s, xv, tv, torch.randn(xv.shape, generator=g, device=device))
     losses = torch.zeros(args.clf_steps, device=device)
     hist = {"step": [], "train": [], "val": [], "val_acc": []}
+    last_good = None  # the weights of the last evaluation whose losses were all finite
     bar = common.progress_bar(range(args.clf_steps), desc="train classifier")
     for step in bar:
         idx = torch.randint(0, len(x), (args.clf_batch_size,), device=device)
@@ -72,8 +78,9 @@ def train_classifier(x, y, xv, yv, s, args, device, run=None):
         losses[step] = loss.detach()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.clf_steps:
             chunk = losses[max(0, step + 1 - args.eval_every): step + 1]
-            if not torch.isfinite(chunk).all():
-                raise FloatingPointError(f"classifier loss is not finite near step {step + 1}", None)
+            if not torch.isfinite(chunk).all():  # one sync per eval interval; find the exact step (0-based)
+                bad = max(0, step + 1 - args.eval_every) + int((~torch.isfinite(chunk)).nonzero()[0])
+                raise FloatingPointError(f"classifier loss became {losses[bad].item()} at step {bad}", last_good)
             with torch.no_grad():
                 logits = clf(xv_t, ddpm.t_bar(tv, s.T))
             hist["step"].append(step + 1)
@@ -81,6 +88,7 @@ def train_classifier(x, y, xv, yv, s, args, device, run=None):
             hist["val"].append(F.cross_entropy(logits, yv).item())
             hist["val_acc"].append((logits.argmax(1) == yv).float().mean().item())
             bar.set_postfix(val=f"{hist['val'][-1]:.3f}", acc=f"{hist['val_acc'][-1]:.3f}")
+            last_good = {k: v.detach().clone() for k, v in clf.state_dict().items()}
             if run:
                 run.progress("train classifier", step + 1, args.clf_steps)
     return clf.eval(), hist
@@ -167,9 +175,8 @@ def main():
     p.add_argument("--clf-batch-size", type=common.positive_int, default=10000, help="classifier points per step")
     p.add_argument("--clf-lr", type=common.positive_float, default=2e-3, help="classifier peak learning rate")
     ddpm.add_denoiser_args(p)  # used only when no --denoiser is given (and --data, --n-per-state always)
-    args = p.parse_args()
-    ddpm.apply_quick(args, T=100, steps=200, batch_size=2000, clf_steps=200, clf_batch_size=2000, n_samples=300,
-                     n_per_state=200, eval_every=50)
+    args = ddpm.parse_with_quick(p, T=100, steps=200, batch_size=2000, clf_steps=200, clf_batch_size=2000,
+                                 n_samples=300, n_per_state=200, eval_every=50)
     device = common.get_device(args.device)
     common.seed_everything(args.seed)
     x, y, xv, yv = ddpm.load_data(args)  # bad input fails here, before a run folder exists
@@ -187,11 +194,20 @@ def main():
             model, s = model.eval(), ddpm.Schedule(args.T, args.beta_start, args.beta_end, device)
         clf, hist = train_classifier(x, y, xv, yv, s, args, device, run)
     except FloatingPointError as e:
-        run.finish("failed", e.args[0])
-        raise SystemExit(f"{SCRIPT}: {e.args[0]}")
+        msg, last_good = e.args
+        clf_failed = msg.startswith("classifier")
+        if clf_failed and last_good is not None:
+            save_classifier(run.path("classifier.pt"), last_good, {}, len(names), s.T)
+            msg += f"; the last good classifier weights are in {run.path('classifier.pt')}"
+        elif last_good is not None:  # the denoiser trained here failed: keep its last good weights
+            torch.save(ddpm.denoiser_checkpoint(None, args, {}, last_good), run.path("denoiser.pt"))
+            msg += f"; the last good denoiser weights are in {run.path('denoiser.pt')}"
+        else:
+            msg += "; it failed before the first evaluation, so no checkpoint was written"
+        run.finish("failed", msg)
+        raise SystemExit(f"{SCRIPT}: error: {msg}")
     train_s = time.time() - t0
-    torch.save({"script": SCRIPT, "kind": "classifier", "model": clf.state_dict(), "history": hist,
-                "config": {"n_classes": len(names), "T": s.T}}, run.path("classifier.pt"))
+    save_classifier(run.path("classifier.pt"), clf.state_dict(), hist, len(names), s.T)
     common.plot_curves(run.path("classifier_loss.png"), {"train": (hist["step"], hist["train"]),
                                                          "validation": (hist["step"], hist["val"])},
                        ylabel="cross-entropy", title=f"classifier (final val. accuracy {hist['val_acc'][-1]:.3f})")

@@ -214,10 +214,10 @@ def validation_loss(model, xv, yv, sched, device, batch=500):
     return total / eps.numel()
 
 
-def save_checkpoint(path, model, ema, opt, plateau, config, step, history, best_val, bad_evals):
+def save_checkpoint(path, model, ema, opt, plateau, config, step, history, best_val, bad_evals, rng):
     ckpt = {"script": SCRIPT, "kind": "model", "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": opt.state_dict(), "plateau": plateau.state_dict(), "step": step, "history": history,
-            "best_val": best_val, "bad_evals": bad_evals,
+            "best_val": best_val, "bad_evals": bad_evals, "rng": rng,
             "schedule": make_schedule(config["schedule"], config["T"])}
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)  # the previous good checkpoint survives a crash mid-write
@@ -241,7 +241,11 @@ def train(args, run, data, device, resume=None):
         plateau.load_state_dict(resume["plateau"])
         step, history, best_val, bad_evals = resume["step"], resume["history"], resume["best_val"], resume["bad_evals"]
     ckpt_path = run.path("checkpoint.pt")
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # batches, labels dropped, t and eps: all drawn from gen
+    if resume is not None and "rng" in resume:
+        gen.set_state(resume["rng"])  # continue the draws where they stopped: a resumed run equals an unbroken one
+    elif resume is not None:  # a checkpoint without the state: at least do not replay the first steps' batches
+        gen.manual_seed(args.seed + step)
     t0, start, done, stop = time.time(), step, step, "steps"
     window = []  # this stretch's losses, kept on the device: one host copy per evaluation instead of a sync per step
     bar = common.progress_bar(range(step, args.steps), desc="train")
@@ -281,7 +285,8 @@ def train(args, run, data, device, resume=None):
             for k, v in (("step", step + 1), ("train", run_loss / run_n), ("val", val), ("lr", opt.param_groups[0]["lr"])):
                 history[k].append(v)
             best_val, bad_evals = (val, 0) if val < best_val else (best_val, bad_evals + 1)
-            save_checkpoint(ckpt_path, model, ema, opt, plateau, config, step + 1, history, best_val, bad_evals)
+            save_checkpoint(ckpt_path, model, ema, opt, plateau, config, step + 1, history, best_val, bad_evals,
+                            gen.get_state())
             bar.set_postfix(train=f"{history['train'][-1]:.4f}", val=f"{val:.4f}")
             run.log(step=step + 1, train_loss=history["train"][-1], val_loss=val, best_val_loss=best_val)
             if bad_evals >= args.patience:
@@ -436,7 +441,7 @@ def build_parser():
     p.add_argument("--val-n", type=common.positive_int, help="validation images used for the validation loss")
     p.add_argument("--lr-patience", type=common.positive_int, default=3, help="evaluations without gain before halving lr")
     p.add_argument("--patience", type=common.positive_int, default=8, help="evaluations without gain before stopping")
-    p.add_argument("--max-minutes", type=common.nonneg_float, help="training wall-time budget (0: none)")
+    p.add_argument("--max-minutes", type=common.nonneg_float, help="minutes of training in this invocation (0: none)")
     p.add_argument("--resume", default=None, help="checkpoint to continue training from (its architecture wins)")
     p.add_argument("--w", type=common.nonneg_float, default=2.0, help="guidance weight (0 uncond, 1 cond, >1 guided)")
     p.add_argument("--sigma", choices=["beta_tilde", "beta"], default="beta_tilde", help="sampling variance sigma_t^2")

@@ -135,9 +135,11 @@ def train_denoiser(x, xv, args, device, run=None):
     return model, hist
 
 
-def denoiser_checkpoint(model, args, hist):
-    return {"script": SCRIPT, "kind": "denoiser", "model": model.state_dict(), "history": hist,
-            "config": {k: getattr(args, k) for k in ("T", "beta_start", "beta_end", "hidden", "layers")}}
+def denoiser_checkpoint(model, args, hist, state=None):
+    """The denoiser.pt dict; `state` replaces the model's weights (the last good ones after a NaN)."""
+    config = {k: getattr(args, k) for k in ("T", "beta_start", "beta_end", "hidden", "layers")}
+    return {"script": SCRIPT, "kind": "denoiser", "model": state if state is not None else model.state_dict(),
+            "history": hist, "config": config}
 
 
 def load_denoiser(path, device):
@@ -211,11 +213,12 @@ def add_denoiser_args(p):
     p.add_argument("--data", default=None, help="external point set: .pt dict {'data': N x 2, 'labels': N}")
 
 
-def apply_quick(args, **quick):
-    """--quick: overwrite the settings that cost time."""
-    if args.quick:
-        for k, v in quick.items():
-            setattr(args, k, v)
+def parse_with_quick(p, **quick):
+    """Parse the command line; --quick makes `quick` the defaults of the settings that cost time, so a flag given
+    explicitly still wins (python ddpm_states.py --quick --steps 50)."""
+    if p.parse_known_args()[0].quick:
+        p.set_defaults(**quick)
+    return p.parse_args()
 
 
 def main():
@@ -223,8 +226,7 @@ def main():
     add_denoiser_args(p)
     p.add_argument("--sigma", default="beta", choices=["beta", "beta_tilde"], help="reverse-step variance sigma_t^2")
     p.add_argument("--n-samples", type=common.positive_int, default=5000, help="samples to draw and score")
-    args = p.parse_args()
-    apply_quick(args, T=100, steps=200, batch_size=2000, n_samples=1000, n_per_state=200, eval_every=50)
+    args = parse_with_quick(p, T=100, steps=200, batch_size=2000, n_samples=1000, n_per_state=200, eval_every=50)
     if not 0 < args.beta_start < args.beta_end < 1:
         raise common.UsageError(f"need 0 < --beta-start < --beta-end < 1, got {args.beta_start}, {args.beta_end}")
     device = common.get_device(args.device)
@@ -239,8 +241,7 @@ def main():
     except FloatingPointError as e:
         msg, last_good = e.args
         if last_good is not None:  # the weights of the last evaluation whose losses were all finite
-            torch.save({**denoiser_checkpoint(Denoiser(args.hidden, args.layers), args, {}), "model": last_good},
-                       run.path("denoiser.pt"))
+            torch.save(denoiser_checkpoint(None, args, {}, last_good), run.path("denoiser.pt"))
             msg += f"; the last good weights are in {run.path('denoiser.pt')}"
         else:
             msg += "; it failed before the first evaluation, so no checkpoint was written"

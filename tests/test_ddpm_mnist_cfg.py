@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import ddpm_mnist_cfg as D
 from conftest import run_script
 
@@ -207,3 +208,34 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, quick_run):
     assert r.returncode == 2, r.stderr[-1000:]
     assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr
     assert not os.path.exists(os.path.join(out, "ddpm_mnist_cfg"))  # nothing half-written
+
+
+def test_resume_continues_the_data_stream(tmp_path):
+    """Training 10 steps at once, or 6 steps and a resume to 10, ends with the same weights: the checkpoint carries
+    the generator of batches, dropped labels, t and noise, so the resumed run does not replay the first batches."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 28, 28, generator=g) * 2 - 1
+    y = torch.randint(0, 10, (64,), generator=g)
+    data = (x[:48], y[:48], x[48:], y[48:])
+
+    def train(steps, run_id, resume=None):
+        p = D.build_parser()
+        p.set_defaults(**D.PRESETS["quick"])
+        args = p.parse_args(["--steps", str(steps), "--eval-every", "3", "--T", "15", "--val-n", "16",
+                             "--out", str(tmp_path), "--run-id", run_id])
+        args.channels = D.channels_arg(args.channels) if isinstance(args.channels, str) else args.channels
+        run = common.Run(D.SCRIPT, args)
+        common.seed_everything(0)  # the initial weights, as main() seeds them
+        ema, history, _ = D.train(args, run, data, torch.device("cpu"), resume)
+        return ema, history, torch.load(run.path("checkpoint.pt"), weights_only=False)
+
+    ema_straight, hist_straight, ck_straight = train(10, "straight")
+    _, _, ck_half = train(6, "half")
+    assert ck_half["step"] == 6 and "rng" in ck_half
+    ema_resumed, hist_resumed, ck_resumed = train(10, "resumed", resume=ck_half)
+    assert ck_resumed["step"] == 10 and hist_resumed["step"] == hist_straight["step"] == [3, 6, 9, 10]
+    assert hist_resumed["train"] == pytest.approx(hist_straight["train"], rel=1e-6)
+    for k, v in ema_straight.state_dict().items():
+        assert torch.allclose(ema_resumed.state_dict()[k], v, atol=1e-6), k
+    for k, v in ck_straight["model"].items():
+        assert torch.allclose(ck_resumed["model"][k], v, atol=1e-6), k

@@ -221,3 +221,43 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_weights(tmp_path, 
     model, _ = ddpm.load_denoiser(str(d / "denoiser.pt"), "cpu")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not (d / "uncond_gen_samples.pt").exists()
+
+
+def test_quick_sets_defaults_and_explicit_flags_win(monkeypatch):
+    p = common.make_parser("test")
+    ddpm.add_denoiser_args(p)
+    monkeypatch.setattr("sys.argv", ["ddpm_states.py", "--quick", "--steps", "7"])
+    args = ddpm.parse_with_quick(p, T=100, steps=200)
+    assert args.steps == 7 and args.T == 100  # the explicit flag wins; the rest take the quick value
+    monkeypatch.setattr("sys.argv", ["ddpm_states.py", "--steps", "7"])
+    p = common.make_parser("test")
+    ddpm.add_denoiser_args(p)
+    args = ddpm.parse_with_quick(p, T=100, steps=200)
+    assert args.steps == 7 and args.T == 500  # without --quick the quick values do not apply
+
+
+def test_classifier_nan_stops_with_the_step_and_keeps_the_last_good_classifier(ddpm_run, tmp_path, monkeypatch):
+    """The classifier's logits turn NaN from its 61st training step on: the run stops naming step 60 (0-based),
+    is marked failed, and classifier.pt holds the finite weights of the evaluation at step 50."""
+    calls = {"n": 0}
+    forward = cg.Classifier.forward
+
+    def poisoned(self, *a):
+        out = forward(self, *a)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] > 60:
+                out = out * float("nan")
+        return out
+
+    monkeypatch.setattr(cg.Classifier, "forward", poisoned)
+    monkeypatch.setattr("sys.argv", ["classifier_guidance_states.py", "--quick", "--denoiser",
+                                     os.path.join(ddpm_run, "denoiser.pt"), "--out", str(tmp_path), "--run-id", "nan"])
+    with pytest.raises(SystemExit) as e:
+        cg.main()
+    assert "at step 60" in str(e.value.code) and "last good classifier" in str(e.value.code)
+    d = tmp_path / "classifier_guidance_states" / "nan"
+    assert read(d, "status.json")["state"] == "failed"
+    ck = torch.load(d / "classifier.pt", weights_only=False)
+    assert ck["kind"] == "classifier" and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert not list(d.glob("cond_gen_samples_*.pt"))
