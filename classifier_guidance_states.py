@@ -80,7 +80,7 @@ def train_classifier(x, y, xv, yv, s, args, device, run=None):
             chunk = losses[max(0, step + 1 - args.eval_every): step + 1]
             if not torch.isfinite(chunk).all():  # one sync per eval interval; find the exact step (0-based)
                 bad = max(0, step + 1 - args.eval_every) + int((~torch.isfinite(chunk)).nonzero()[0])
-                raise FloatingPointError(f"classifier loss became {losses[bad].item()} at step {bad}", last_good)
+                raise FloatingPointError(f"loss became {losses[bad].item()} at step {bad}", last_good)
             with torch.no_grad():
                 logits = clf(xv_t, ddpm.t_bar(tv, s.T))
             hist["step"].append(step + 1)
@@ -187,23 +187,25 @@ def main():
     run = common.Run(SCRIPT, args)
     print(f"run folder: {run.dir}  device: {device}")
     t0 = time.time()
+    stage = "denoiser"  # which network a non-finite loss belongs to
     try:
         if not args.denoiser:
             model, _ = ddpm.train_denoiser(x, xv, args, device, run)
             torch.save(ddpm.denoiser_checkpoint(model, args, {}), run.path("denoiser.pt"))
             model, s = model.eval(), ddpm.Schedule(args.T, args.beta_start, args.beta_end, device)
+        stage = "classifier"
         clf, hist = train_classifier(x, y, xv, yv, s, args, device, run)
     except FloatingPointError as e:
         msg, last_good = e.args
-        clf_failed = msg.startswith("classifier")
-        if clf_failed and last_good is not None:
-            save_classifier(run.path("classifier.pt"), last_good, {}, len(names), s.T)
-            msg += f"; the last good classifier weights are in {run.path('classifier.pt')}"
-        elif last_good is not None:  # the denoiser trained here failed: keep its last good weights
-            torch.save(ddpm.denoiser_checkpoint(None, args, {}, last_good), run.path("denoiser.pt"))
-            msg += f"; the last good denoiser weights are in {run.path('denoiser.pt')}"
+        msg, path = f"{stage} {msg}", run.path(f"{stage}.pt")
+        if last_good is None:
+            msg += f"; it failed before its first evaluation, so no {stage} checkpoint was written"
+        elif stage == "classifier":
+            save_classifier(path, last_good, {}, len(names), s.T)
         else:
-            msg += "; it failed before the first evaluation, so no checkpoint was written"
+            torch.save(ddpm.denoiser_checkpoint(None, args, {}, last_good), path)
+        if last_good is not None:
+            msg += f"; the last good {stage} weights are in {path}"
         run.finish("failed", msg)
         raise SystemExit(f"{SCRIPT}: error: {msg}")
     train_s = time.time() - t0
