@@ -191,7 +191,7 @@ def main():
     try:
         if not args.denoiser:
             model, _ = ddpm.train_denoiser(x, xv, args, device, run)
-            torch.save(ddpm.denoiser_checkpoint(model, args, {}), run.path("denoiser.pt"))
+            torch.save(ddpm.denoiser_checkpoint(model.state_dict(), args, {}), run.path("denoiser.pt"))
             model, s = model.eval(), ddpm.Schedule(args.T, args.beta_start, args.beta_end, device)
         stage = "classifier"
         clf, hist = train_classifier(x, y, xv, yv, s, args, device, run)
@@ -200,11 +200,11 @@ def main():
         msg, path = f"{stage} {msg}", run.path(f"{stage}.pt")
         if last_good is None:
             msg += f"; it failed before its first evaluation, so no {stage} checkpoint was written"
-        elif stage == "classifier":
-            save_classifier(path, last_good, {}, len(names), s.T)
-        else:
-            torch.save(ddpm.denoiser_checkpoint(None, args, {}, last_good), path)
-        if last_good is not None:
+        else:  # keep the weights of the last evaluation whose losses were all finite
+            if stage == "classifier":
+                save_classifier(path, last_good, {}, len(names), s.T)
+            else:
+                torch.save(ddpm.denoiser_checkpoint(last_good, args, {}), path)
             msg += f"; the last good {stage} weights are in {path}"
         run.finish("failed", msg)
         raise SystemExit(f"{SCRIPT}: error: {msg}")

@@ -135,11 +135,10 @@ def train_denoiser(x, xv, args, device, run=None):
     return model, hist
 
 
-def denoiser_checkpoint(model, args, hist, state=None):
-    """The denoiser.pt dict; `state` replaces the model's weights (the last good ones after a NaN)."""
-    config = {k: getattr(args, k) for k in ("T", "beta_start", "beta_end", "hidden", "layers")}
-    return {"script": SCRIPT, "kind": "denoiser", "model": state if state is not None else model.state_dict(),
-            "history": hist, "config": config}
+def denoiser_checkpoint(state, args, hist):
+    """The denoiser.pt dict for the weights `state` (a state_dict)."""
+    return {"script": SCRIPT, "kind": "denoiser", "model": state, "history": hist,
+            "config": {k: getattr(args, k) for k in ("T", "beta_start", "beta_end", "hidden", "layers")}}
 
 
 def load_denoiser(path, device):
@@ -241,14 +240,14 @@ def main():
     except FloatingPointError as e:
         msg, last_good = e.args
         if last_good is not None:  # the weights of the last evaluation whose losses were all finite
-            torch.save(denoiser_checkpoint(None, args, {}, last_good), run.path("denoiser.pt"))
+            torch.save(denoiser_checkpoint(last_good, args, {}), run.path("denoiser.pt"))
             msg += f"; the last good weights are in {run.path('denoiser.pt')}"
         else:
             msg += "; it failed before the first evaluation, so no checkpoint was written"
         run.finish("failed", msg)
         raise SystemExit(f"{SCRIPT}: error: {msg}")
     train_s = time.time() - t0
-    torch.save(denoiser_checkpoint(model, args, hist), run.path("denoiser.pt"))
+    torch.save(denoiser_checkpoint(model.state_dict(), args, hist), run.path("denoiser.pt"))
 
     run.progress("sample", 0, 1, force=True)
     t1 = time.time()

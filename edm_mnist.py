@@ -489,7 +489,6 @@ def evaluate_run(D, args, run, device):
 channels_arg = common.int_list(3)  # U-Net widths at 28, 14 and 7 pixels
 
 
-
 def sigma_data_arg(s):
     return s if s == "measured" else common.positive_float(s)
 

@@ -1,4 +1,5 @@
 """common.py: the image loaders (real torchvision code on tiny files), the EMNIST orientation, run folders, errors."""
+import argparse
 import json
 import os
 
@@ -77,8 +78,7 @@ def test_device_choice():
             common.get_device("cuda")
 
 
-def test_argparse_types_reject_bad_values_in_one_line(tmp_path):
-    import argparse
+def test_argparse_types_reject_bad_values_in_one_line():
     three, some = common.int_list(3), common.int_list(least=2)
     assert three("64,128,256") == (64, 128, 256) and some("8,16") == (8, 16)
     for parse, bad in ((three, "64,128"), (three, "64,x,256"), (three, "64,0,256"), (some, "8")):
