@@ -1,27 +1,31 @@
 """ddpm_states.py: an unconditional DDPM (Ho, Jain and Abbeel 2020) on STATES, 2-D outlines of five US states.
 
-Forward process, for t = 1..T with a linear beta schedule (beta_1 = 1e-4 ... beta_T = 0.02, T = 500):
+Forward process, t = 1..T, linear betas beta_1 = 1e-4 ... beta_T = 0.02, T = 500:
     alpha_t = 1 - beta_t,   alpha_bar_t = prod_{s<=t} alpha_s
-    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),  i.e.  x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
-Training: an MLP eps_theta(x_t, t_bar) predicts the noise; loss = E || eps - eps_theta(x_t, t_bar) ||^2 with t uniform,
-    t_bar = 2 (t - T/2) / T rescales the step to [-1, 1] (t counted 0..T-1 in the code).
-Ancestral sampling, x_T ~ N(0, I), then for t = T..1:
-    x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_t) + sigma_t z,   z ~ N(0, I)
-    sigma_t^2 = beta_t (default) or beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t  (--sigma beta_tilde),
-    and no noise on the last step (x_0 is returned as the mean).
-The first term is the mean of the true posterior q(x_{t-1} | x_t, x_0) with x_0 replaced by its estimate from eps_theta;
-sigma_t z is that posterior's spread. A course handout writes "+ z_t" with no sigma_t: that adds unit variance at each
-of the T steps, so the chain never contracts onto the data and the samples are a cloud of width ~sqrt(T)
-instead of outlines. The two variance choices are Ho et al.'s upper (beta_t) and lower (beta_tilde_t) bounds.
+    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I):
+    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+Training: an MLP eps_theta(x_t, t_bar) predicts the noise, L = E_{x_0, t, eps} || eps - eps_theta(x_t, t_bar) ||^2,
+    t uniform, t_bar = 2 (i - T/2) / T in [-1, 1) for the index i = t - 1.
+Ancestral sampling: x_T ~ N(0, I), then for t = T..1
+    x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t_bar)) / sqrt(alpha_t) + sigma_t z,   z ~ N(0, I)
+    sigma_t^2 = beta_t (--variance beta, default) or beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t,
+    with no noise on the last step (x_0 is the mean).
+The first term is the mean of the true posterior q(x_{t-1} | x_t, x_0) with x_0 estimated from eps_theta; sigma_t z is
+that posterior's spread (beta_t and beta_tilde_t are Ho et al.'s upper and lower bounds). A course handout writes
+"+ z_t" with no sigma_t: that adds unit variance at each of the T steps, and the samples become a cloud of width
+~sqrt(T) instead of outlines.
 
-The score is the negative log-likelihood of the samples under a Gaussian KDE of the training points
-(common.nll_score), and the reverse direction (held-out real points under a KDE of the samples), which rises
-when a part of an outline is missing from the samples.
+Scores: the negative log-likelihood of the samples under a Gaussian KDE of the training points, the reverse direction
+(held-out points under a KDE of the samples, which rises when part of an outline is missing), and nn_dist, the mean
+distance from a sample to its nearest training point; each next to its floor, held-out real points in their place.
 
-Usage:  python ddpm_states.py            (default run, ~4 minutes on 2 CPU cores)
-        python ddpm_states.py --quick    (seconds)
+Usage:  python ddpm_states.py                  (the default run, about 4 minutes on 2 CPU cores)
+        python ddpm_states.py --quick          (seconds)
+        python ddpm_states.py --resume outputs/ddpm_states/RUN/denoiser.pt   (continue an interrupted run)
 """
+import json
 import math
+import os
 import time
 
 import numpy as np
@@ -31,26 +35,46 @@ import torch.nn as nn
 import common
 
 SCRIPT = "ddpm_states"
+PRESETS = {"default": dict(T=500, train_steps=2500, batch_size=10000, n_samples=5000, n_per_state=1000, eval_every=100),
+           "quick": dict(T=100, train_steps=200, batch_size=2000, n_samples=1000, n_per_state=200, eval_every=50)}
 
 
-# ----------------------------------------------------------------------------- data
-def load_data(args):
-    """(train points, train labels, validation points, validation labels): STATES, or a --data file split 80/20."""
-    if args.data:
-        return common.split_points(*common.load_points(args.data), seed=args.seed)
-    x, y = common.make_states(args.n_per_state, args.seed, "train")
-    xv, yv = common.make_states(args.n_per_state, args.seed, "val")
-    return x, y, xv, yv
+# ==== core: the method, with torch, numpy and math only (tests/test_core.py runs this span alone) ====
+class Schedule:
+    """beta_t and what follows from it (float32, on `device`); index i = t - 1 holds step t = 1..T."""
+
+    def __init__(self, beta, device="cpu"):
+        beta = beta.double()
+        alpha_bar = torch.cumprod(1 - beta, 0)
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        beta_tilde = (1 - alpha_bar_prev) / (1 - alpha_bar) * beta  # the variance of q(x_{t-1} | x_t, x_0)
+        for name, v in dict(beta=beta, alpha=1 - beta, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+                            beta_tilde=beta_tilde).items():
+            setattr(self, name, v.float().to(device))
+        self.T = len(beta)
 
 
-# ----------------------------------------------------------------------------- model
-class Denoiser(nn.Module):
-    """eps_theta(x_t, t_bar): an MLP on the 3-vector (x, y, t_bar) with `layers` hidden layers of `hidden` units."""
+def linear_beta(T=500, beta_start=1e-4, beta_end=0.02):
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def q_sample(x0, i, eps, sched):
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, for a batch of indices i = t - 1."""
+    ab = sched.alpha_bar[i].view(-1, *[1] * (x0.ndim - 1))
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+
+def t_bar(i, T):
+    """The index i = 0..T-1 rescaled to [-1, 1): the network's time input, at the scale of the coordinates."""
+    return 2.0 * (i.float() - T / 2) / T
+
+
+class EpsMLP(nn.Module):
+    """eps_theta(x_t, t_bar): an MLP on the 3-vector (x, y, t_bar), `layers` hidden layers of `hidden` units."""
 
     def __init__(self, hidden=256, layers=4):
         super().__init__()
-        dims = [3] + [hidden] * layers
-        body = []
+        dims, body = [3] + [hidden] * layers, []
         for a, b in zip(dims[:-1], dims[1:]):
             body += [nn.Linear(a, b), nn.ReLU()]  # measured: ReLU draws sharper outlines than SiLU at equal steps
         self.net = nn.Sequential(*body, nn.Linear(hidden, 2))
@@ -59,129 +83,204 @@ class Denoiser(nn.Module):
         return self.net(torch.cat([x, t_bar[:, None]], dim=1))
 
 
-def t_bar(t, T):
-    """The step index t in 0..T-1 rescaled to [-1, 1): t_bar = 2 (t - T/2) / T."""
-    return 2.0 * (t.float() - T / 2) / T
+def ddpm_loss(eps_model, x0, i, eps, sched):
+    """|| eps - eps_theta(x_t, t_bar) ||^2, averaged over the batch and the coordinates."""
+    return (eps - eps_model(q_sample(x0, i, eps, sched), t_bar(i, sched.T))).square().mean()
 
 
-# ----------------------------------------------------------------------------- schedule
-class Schedule:
-    """Linear betas and the quantities derived from them; index i = 0..T-1 holds step t = i + 1."""
-
-    def __init__(self, T=500, beta_start=1e-4, beta_end=0.02, device="cpu"):
-        self.T = T
-        self.beta = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-        self.alpha = 1.0 - self.beta
-        self.alpha_bar = torch.cumprod(self.alpha, dim=0)
-        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
-        # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t: the variance of q(x_{t-1} | x_t, x_0)
-        self.beta_tilde = (1 - self.alpha_bar_prev) / (1 - self.alpha_bar) * self.beta
-        for k in ("beta", "alpha", "alpha_bar", "alpha_bar_prev", "beta_tilde"):  # float32 on the device
-            setattr(self, k, getattr(self, k).float().to(device))
+def reverse_mean(x, i, eps, sched):
+    """(x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t): the mean of q(x_{t-1} | x_t, x_0), x_0 from eps."""
+    return (x - sched.beta[i] / (1 - sched.alpha_bar[i]).sqrt() * eps) / sched.alpha[i].sqrt()
 
 
-def q_sample(s, x0, t, eps):
-    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, for a batch of step indices t."""
-    ab = s.alpha_bar[t][:, None]
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+@torch.no_grad()
+def sample(eps_model, sched, n, gen, variance="beta", record_every=0):
+    """Ancestral sampling of n points (module docstring). gen: a torch.Generator on the schedule's device.
+    Returns x_0 and [(t, x_t)] every `record_every` steps (with x_T)."""
+    x = torch.randn(n, 2, generator=gen, device=sched.beta.device)
+    traj, var = [(sched.T, x.cpu())], sched.beta if variance == "beta" else sched.beta_tilde
+    for i in reversed(range(sched.T)):
+        idx = torch.full((n,), i, device=x.device)
+        x = reverse_mean(x, i, eps_model(x, t_bar(idx, sched.T)), sched)
+        if i > 0:  # no noise on the last step
+            x = x + var[i].sqrt() * torch.randn(x.shape, generator=gen, device=x.device)
+        if record_every and i % record_every == 0:
+            traj.append((i, x.cpu()))
+    return x, traj
+# ==== end of core ====
 
 
-def reverse_mean(s, xt, t, eps):
-    """(x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t): the posterior mean with x_0 estimated from eps."""
-    return (xt - s.beta[t][:, None] / (1 - s.alpha_bar[t][:, None]).sqrt() * eps) / s.alpha[t][:, None].sqrt()
+# ----------------------------------------------------------------------------- data: STATES
+STATE_NAMES = ["Michigan", "Idaho", "Ohio", "Oklahoma", "Wisconsin"]  # labels 0..4
+RING_ORDER = ["Ohio", "Wisconsin", "Oklahoma", "Idaho", "Michigan"]  # clockwise from the top
+RING_RADIUS, STATE_SIZE, JITTER = 1.6, 1.0, 0.01
+
+
+def state_outlines():
+    """Each state's closed outline(s) from assets/states_outlines.json: projected (x = lon cos(mean lat), y = lat),
+    centred on its bounding box, scaled so its larger side is STATE_SIZE, and placed on the ring."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "states_outlines.json")) as f:
+        raw = json.load(f)["states"]
+    out = {}
+    for name in STATE_NAMES:
+        rings = [np.asarray(r, dtype=np.float64) for r in raw[name]]
+        lat0 = np.mean(np.concatenate(rings)[:, 1])
+        rings = [r * [math.cos(math.radians(lat0)), 1.0] for r in rings]
+        lo, hi = np.concatenate(rings).min(0), np.concatenate(rings).max(0)
+        angle = math.pi / 2 - 2 * math.pi * RING_ORDER.index(name) / len(RING_ORDER)  # clockwise
+        centre = RING_RADIUS * np.array([math.cos(angle), math.sin(angle)])
+        out[name] = [(r - (lo + hi) / 2) * STATE_SIZE / (hi - lo).max() + centre for r in rings]
+    return out
+
+
+def states_raw(n_per_state, seed):
+    """n points per state, uniform by arc length over all of its rings, plus Gaussian jitter; labels 0..4."""
+    gen, lines, pts = np.random.default_rng(seed), state_outlines(), []
+    for name in STATE_NAMES:
+        segs = np.concatenate([np.stack([r[:-1], r[1:]], 1) for r in lines[name]])  # (S, 2 ends, 2)
+        cum = np.concatenate([[0.0], np.cumsum(np.linalg.norm(segs[:, 1] - segs[:, 0], axis=1))])
+        s = gen.uniform(0, cum[-1], size=n_per_state)
+        k = np.clip(np.searchsorted(cum, s, side="right") - 1, 0, len(segs) - 1)
+        u = ((s - cum[k]) / (cum[k + 1] - cum[k]))[:, None]
+        pts.append(segs[k, 0] + u * (segs[k, 1] - segs[k, 0]) + JITTER * gen.standard_normal((n_per_state, 2)))
+    return np.concatenate(pts), np.repeat(np.arange(len(STATE_NAMES)), n_per_state)
+
+
+def make_states(n_per_state=1000, seed=0, split="train"):
+    """STATES: (points float32 N x 2, labels int64 N), N = 5 n_per_state, standardized per axis with the mean and
+    std of a large fixed draw (the same map for every split). "train" and "val" are independent draws."""
+    pts, labels = states_raw(n_per_state, seed + {"train": 0, "val": 1_000_003}[split])
+    ref, _ = states_raw(200_000, seed=12345)
+    pts = (pts - ref.mean(0)) / ref.std(0)
+    return torch.tensor(pts, dtype=torch.float32), torch.tensor(labels, dtype=torch.int64)
+
+
+def load_points(path):
+    """A point set in the course's format: a torch .pt file holding {'data': float N x 2, 'labels': int N}, finite,
+    labels 0..K-1 with every class present, at least 10 points (8 to train on, 2 held out)."""
+    want = "a torch .pt file holding {'data': float tensor N x 2, 'labels': int tensor N}"
+    if not os.path.isfile(path):
+        raise common.UsageError(f"--data {path}: no such file; expected {want}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise common.UsageError(f"--data {path}: cannot read it ({type(e).__name__}); expected {want}") from None
+    data, labels = (obj.get("data"), obj.get("labels")) if isinstance(obj, dict) else (None, None)
+    if not (isinstance(data, torch.Tensor) and isinstance(labels, torch.Tensor)):
+        raise common.UsageError(f"--data {path}: expected {want}, got a {type(obj).__name__}")
+    problem = ("data is not N x 2" if data.ndim != 2 or data.shape[1] != 2 or not data.is_floating_point() else
+               "labels are not N integers" if labels.ndim != 1 or labels.is_floating_point() or len(labels) != len(data)
+               else f"{len(data)} points; at least 10 are needed" if len(data) < 10 else
+               "data holds NaN or inf" if not torch.isfinite(data).all() else
+               f"labels must be 0..K-1 with every class present, got {sorted(set(labels.tolist()))[:10]}"
+               if set(labels.tolist()) != set(range(int(labels.max()) + 1)) else None)
+    if problem:
+        raise common.UsageError(f"--data {path}: {problem} (data {tuple(data.shape)}, labels {tuple(labels.shape)})")
+    return data.float(), labels.long()
+
+
+def load_data(args):
+    """(train points, labels, validation points, labels): STATES, or a --data file split 80/20 (fixed permutation)."""
+    if not args.data:
+        return (*make_states(args.n_per_state, args.seed, "train"), *make_states(args.n_per_state, args.seed, "val"))
+    x, y = load_points(args.data)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
+    t, v = perm[len(x) // 5:], perm[:len(x) // 5]
+    return x[t], y[t], x[v], y[v]
 
 
 # ----------------------------------------------------------------------------- training
-def train_denoiser(x, xv, args, device, run=None):
-    """Fit eps_theta on the whole training set held on the device, with batches of `batch_size` indices drawn
-    with replacement (larger than the set: each step sees every point about batch/N times, at fresh t and eps).
-    Returns (model, history). The validation loss uses fixed t and eps so its curve is not noisy."""
-    s = Schedule(args.T, args.beta_start, args.beta_end, device)
-    model = Denoiser(args.hidden, args.layers).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
-    x, xv = x.to(device), xv.to(device)
-    g = torch.Generator(device=device).manual_seed(args.seed + 1)
-    tv = torch.randint(0, args.T, (len(xv),), generator=g, device=device)
-    ev = torch.randn(xv.shape, generator=g, device=device)
-    losses = torch.zeros(args.steps, device=device)  # kept on the device: no host sync per step
-    hist = {"step": [], "train": [], "val": []}
-    last_good = None
-    bar = common.progress_bar(range(args.steps), desc="train denoiser")
-    for step in bar:
-        idx = torch.randint(0, len(x), (args.batch_size,), device=device)
-        t = torch.randint(0, args.T, (args.batch_size,), device=device)
-        eps = torch.randn(args.batch_size, 2, device=device)
-        loss = (eps - model(q_sample(s, x[idx], t, eps), t_bar(t, args.T))).square().mean()
+def train(eps_model, sched, x, xv, args, run, resume=None):
+    """Adam, one-cycle learning rate; each step draws batch_size points with replacement from the whole set (more
+    than it holds: every point is seen about batch/N times per step, at fresh t and eps). The validation loss uses
+    one fixed draw of t and eps, so its curve shows the model, not the draw."""
+    device = sched.beta.device
+    opt = torch.optim.Adam(eps_model.parameters(), lr=args.lr)
+    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.train_steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    iv = torch.randint(0, sched.T, (len(xv),), generator=g).to(device)
+    ev = torch.randn(xv.shape, generator=g).to(device)
+    loop = common.TrainLoop(run, args.train_steps, args.eval_every, {"model": eps_model, "optimizer": opt,
+                            "lr_sched": lr_sched}, args.seed, vars(args), run.path("denoiser.pt"), "denoiser", resume,
+                            script=SCRIPT)
+    for step in loop:
+        idx = torch.randint(0, len(x), (args.batch_size,), generator=loop.gen)
+        i = torch.randint(0, sched.T, (args.batch_size,), generator=loop.gen).to(device)
+        eps = torch.randn((args.batch_size, 2), generator=loop.gen).to(device)
+        loss = ddpm_loss(eps_model, x[idx.to(device)], i, eps, sched)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         lr_sched.step()
-        losses[step] = loss.detach()
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            chunk = losses[max(0, step + 1 - args.eval_every): step + 1]
-            if not torch.isfinite(chunk).all():  # one sync per eval interval; find the exact step
-                bad = max(0, step + 1 - args.eval_every) + int((~torch.isfinite(chunk)).nonzero()[0])
-                raise FloatingPointError(f"loss became {losses[bad].item()} at step {bad}", last_good)
+        if loop.record(loss):
             with torch.no_grad():
-                val = (ev - model(q_sample(s, xv, tv, ev), t_bar(tv, args.T))).square().mean().item()
-            hist["step"].append(step + 1)
-            hist["train"].append(chunk.mean().item())
-            hist["val"].append(val)
-            last_good = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            bar.set_postfix(train=f"{hist['train'][-1]:.4f}", val=f"{val:.4f}")
-            if run:
-                run.progress("train", step + 1, args.steps)
-    return model, hist
-
-
-def denoiser_checkpoint(state, args, hist):
-    """The denoiser.pt dict for the weights `state` (a state_dict)."""
-    return {"script": SCRIPT, "kind": "denoiser", "model": state, "history": hist,
-            "config": {k: getattr(args, k) for k in ("T", "beta_start", "beta_end", "hidden", "layers")}}
+                loop.evaluate(val_loss=ddpm_loss(eps_model, xv, iv, ev, sched).item())
+    return loop
 
 
 def load_denoiser(path, device):
-    """(model, Schedule) from a denoiser.pt written by this script; a one-line UsageError otherwise."""
+    """(eps_model, Schedule) from a denoiser.pt written by this script (classifier_guidance_states.py reads it)."""
     ck = common.load_checkpoint(path, SCRIPT, "denoiser")
     c = ck["config"]
-    model = Denoiser(c["hidden"], c["layers"])
-    model.load_state_dict(ck["model"])
-    return model.to(device).eval(), Schedule(c["T"], c["beta_start"], c["beta_end"], device)
-
-
-# ----------------------------------------------------------------------------- sampling
-@torch.no_grad()
-def sample(model, s, n, gen, sigma="beta", record_every=0):
-    """Ancestral sampling (see the module docstring). Returns x_0, and the trajectory every `record_every` steps."""
-    device = s.beta.device
-    x = torch.randn(n, 2, generator=gen, device=device)
-    traj = [(s.T, x.cpu())]
-    var = s.beta if sigma == "beta" else s.beta_tilde
-    for i in reversed(range(s.T)):
-        t = torch.full((n,), i, device=device, dtype=torch.long)
-        x = reverse_mean(s, x, t, model(x, t_bar(t, s.T)))
-        if i > 0:  # no noise on the last step
-            x = x + var[i].sqrt() * torch.randn(x.shape, generator=gen, device=device)
-        if record_every and i % record_every == 0:
-            traj.append((i, x.cpu()))
-    return x, traj
+    eps_model = EpsMLP(c["hidden"], c["layers"])
+    eps_model.load_state_dict(ck["model"])
+    return eps_model.to(device).eval(), Schedule(linear_beta(c["T"], c["beta_start"], c["beta_end"]), device)
 
 
 # ----------------------------------------------------------------------------- evaluation
+def kde_logpdf(points, reference, chunk=2048):
+    """log p(x) under the Gaussian KDE of `reference`, exactly as scipy.stats.gaussian_kde defines it:
+    p(x) = (1/n) sum_i N(x; r_i, H), H = Cov(reference) n^(-2/(d+4)) (Scott's rule), the covariance with 1/(n-1).
+    Float64 and a log-sum-exp. Non-finite or degenerate (collinear, repeated) inputs are a RunError, not a traceback."""
+    x, r = (torch.as_tensor(a, dtype=torch.float64).cpu() for a in (points, reference))
+    n, d = r.shape
+    if not (torch.isfinite(x).all() and torch.isfinite(r).all()):
+        raise common.RunError(f"cannot score: {int((~torch.isfinite(x)).any(1).sum())} of {len(x)} samples are "
+                              f"not finite (the model diverged)")
+    L, info = torch.linalg.cholesky_ex(torch.cov(r.T).reshape(d, d) * n ** (-2.0 / (d + 4)))
+    if info:
+        raise common.RunError(f"cannot score: the {n} reference points have a singular covariance (all on a line?)")
+    rw = torch.linalg.solve_triangular(L, r.T, upper=False).T  # whitened reference
+    log_norm = -torch.log(torch.diagonal(L)).sum() - 0.5 * d * math.log(2 * math.pi) - math.log(n)
+    out = [torch.logsumexp(-0.5 * torch.cdist(torch.linalg.solve_triangular(L, xc.T, upper=False).T, rw).square(), 1)
+           for xc in x.split(chunk)]
+    return torch.cat(out) + log_norm
+
+
+def nll_score(points, reference):
+    """Mean -log p(x) of `points` under the Gaussian KDE (Scott's bandwidth) of `reference`."""
+    return float(-kde_logpdf(points, reference).mean())
+
+
 def nn_distance(points, reference):
-    """Mean Euclidean distance from each point to its nearest reference point. The KDE's Scott bandwidth
-    (about 0.24 here) blurs away how far samples sit off a thin outline; this does not."""
+    """Mean Euclidean distance from each point to its nearest reference point: the KDE's bandwidth (about 0.24
+    here) blurs away how far samples sit off a thin outline; this does not."""
     return float(torch.cat([torch.cdist(p, reference).min(1).values for p in points.split(4096)]).mean())
 
 
 def score_samples(samples, x_train, x_val):
-    """Forward NLL (samples under the KDE of the training set), reverse NLL (held-out points under the KDE
-    of the samples), nearest-data distance, and each one's floor (held-out real points in place of the samples)."""
-    return {"nll": common.nll_score(samples, x_train), "nll_floor": common.nll_score(x_val, x_train),
-            "reverse_nll": common.nll_score(x_val, samples),
-            "reverse_nll_floor": common.nll_score(x_val, x_train[: len(samples)]),
+    """Forward NLL, reverse NLL, nn_dist, and each one's floor (held-out real points in the samples' place). The
+    reverse floor takes a fixed random subset of the training set as large as the sample set, so both KDEs get the
+    same Scott factor n^(-1/6) and every state is in it."""
+    subset = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:len(samples)]]
+    return {"nll": nll_score(samples, x_train), "nll_floor": nll_score(x_val, x_train),
+            "reverse_nll": nll_score(x_val, samples), "reverse_nll_floor": nll_score(x_val, subset),
             "nn_dist": nn_distance(samples, x_train), "nn_dist_floor": nn_distance(x_val, x_train)}
+
+
+def scatter(path, points, labels=None, background=None, title="", names=None):
+    """Points coloured by label (or one colour), with the data drawn thin on top so samples off the outline show."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    labels = np.zeros(len(points), int) if labels is None else np.asarray(labels)
+    for k in np.unique(labels):
+        label = names[k] if names else "samples"
+        ax.scatter(*np.asarray(points)[labels == k].T, s=1, c=f"C{k}", alpha=0.5, label=label)
+    if background is not None:
+        ax.scatter(*np.asarray(background).T, s=0.2, c="k", alpha=0.5, label="data")
+    ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", title=title)
+    ax.legend(loc="lower right", markerscale=8, fontsize=7)
+    common.save_fig(fig, path)
 
 
 def plot_panels(path, panels, background, title):
@@ -197,92 +296,76 @@ def plot_panels(path, panels, background, title):
 
 
 # ----------------------------------------------------------------------------- main
-def add_denoiser_args(p):
-    """Denoiser flags, shared with classifier_guidance_states.py (which may train one itself)."""
-    p.add_argument("--T", type=common.positive_int, default=500, help="number of diffusion steps")
-    p.add_argument("--beta-start", type=common.positive_float, default=1e-4, help="beta_1 of the linear schedule")
-    p.add_argument("--beta-end", type=common.positive_float, default=0.02, help="beta_T of the linear schedule")
-    p.add_argument("--hidden", type=common.positive_int, default=256, help="units per hidden layer of the MLP")
-    p.add_argument("--layers", type=common.positive_int, default=4, help="hidden layers of the MLP")
-    p.add_argument("--steps", type=common.positive_int, default=2500, help="denoiser optimisation steps")
-    p.add_argument("--batch-size", type=common.positive_int, default=10000, help="points per step (with replacement)")
-    p.add_argument("--lr", type=common.positive_float, default=1e-2, help="peak learning rate (one-cycle schedule)")
-    p.add_argument("--eval-every", type=common.positive_int, default=100, help="steps between validation losses")
-    p.add_argument("--n-per-state", type=common.positive_int, default=1000, help="STATES points per state")
-    p.add_argument("--data", default=None, help="external point set: .pt dict {'data': N x 2, 'labels': N}")
+def add_data_args(p):
+    """The data flags, shared with classifier_guidance_states.py."""
+    p.add_argument("--n-per-state", type=common.num(int, 1, 10**6), help="STATES points per state")
+    p.add_argument("--data", default=None, help="a point set instead of STATES: .pt dict {'data': N x 2, 'labels': N}")
 
 
-def parse_with_quick(p, **quick):
-    """Parse the command line; --quick makes `quick` the defaults of the settings that cost time, so a flag given
-    explicitly still wins (python ddpm_states.py --quick --steps 50)."""
-    if p.parse_known_args()[0].quick:
-        p.set_defaults(**quick)
-    return p.parse_args()
+def parse_args(argv=None):
+    p = common.make_parser(__doc__, PRESETS)
+    add_data_args(p)
+    p.add_argument("--T", type=common.num(int, 2, 100_000), help="number of diffusion steps")
+    p.add_argument("--beta-start", type=common.num(float, 0, 1, open_lo=True), default=1e-4, help="beta_1 (linear)")
+    p.add_argument("--beta-end", type=common.num(float, 0, 1, open_lo=True), default=0.02, help="beta_T (linear)")
+    p.add_argument("--hidden", type=common.num(int, 1, 8192), default=256, help="units per hidden layer of the MLP")
+    p.add_argument("--layers", type=common.num(int, 1, 64), default=4, help="hidden layers of the MLP")
+    p.add_argument("--train-steps", type=common.num(int, 1, 10**7), help="optimizer steps")
+    p.add_argument("--batch-size", type=common.num(int, 1, 10**6), help="points per step (with replacement)")
+    p.add_argument("--lr", type=common.num(float, 0, 10, open_lo=True), default=1e-2, help="peak learning rate")
+    p.add_argument("--eval-every", type=common.num(int, 1), help="steps between validation losses and checkpoints")
+    p.add_argument("--variance", default="beta", choices=["beta", "beta_tilde"], help="reverse-step sigma_t^2")
+    p.add_argument("--n-samples", type=common.num(int, 1, 10**6), help="samples drawn and scored")
+    p.add_argument("--resume", default=None, help="denoiser.pt of an unfinished run: continue it exactly")
+    args = common.parse(p, argv)
+    if not args.beta_start < args.beta_end:
+        p.error(f"need --beta-start < --beta-end, got {args.beta_start:g} and {args.beta_end:g}")
+    return args
 
 
 def main():
-    p = common.make_parser(__doc__)
-    add_denoiser_args(p)
-    p.add_argument("--sigma", default="beta", choices=["beta", "beta_tilde"], help="reverse-step variance sigma_t^2")
-    p.add_argument("--n-samples", type=common.positive_int, default=5000, help="samples to draw and score")
-    args = parse_with_quick(p, T=100, steps=200, batch_size=2000, n_samples=1000, n_per_state=200, eval_every=50)
-    if not 0 < args.beta_start < args.beta_end < 1:
-        raise common.UsageError(f"need 0 < --beta-start < --beta-end < 1, got {args.beta_start}, {args.beta_end}")
+    args = parse_args()
+    resume = common.load_checkpoint(args.resume, SCRIPT, "denoiser") if args.resume else None
+    args = common.resumed(args, resume) if resume else args
     device = common.get_device(args.device)
-    common.seed_everything(args.seed)
-    x, y, xv, yv = load_data(args)  # bad input fails here, before a run folder exists
+    torch.manual_seed(args.seed)  # the initial weights
+    x, y, xv, yv = load_data(args)  # bad input is found here, before the run folder exists
+    sched = Schedule(linear_beta(args.T, args.beta_start, args.beta_end), device)
+    eps_model = EpsMLP(args.hidden, args.layers).to(device)
 
     run = common.Run(SCRIPT, args)
     print(f"run folder: {run.dir}  device: {device}  train {len(x)} / val {len(xv)} points")
-    t0 = time.time()
-    try:
-        model, hist = train_denoiser(x, xv, args, device, run)
-    except FloatingPointError as e:
-        msg, last_good = e.args
-        if last_good is not None:  # the weights of the last evaluation whose losses were all finite
-            torch.save(denoiser_checkpoint(last_good, args, {}), run.path("denoiser.pt"))
-            msg += f"; the last good weights are in {run.path('denoiser.pt')}"
-        else:
-            msg += "; it failed before the first evaluation, so no checkpoint was written"
-        run.finish("failed", msg)
-        raise SystemExit(f"{SCRIPT}: error: {msg}")
-    train_s = time.time() - t0
-    torch.save(denoiser_checkpoint(model.state_dict(), args, hist), run.path("denoiser.pt"))
-
+    loop = train(eps_model, sched, x.to(device), xv.to(device), args, run, resume)
     run.progress("sample", 0, 1, force=True)
-    t1 = time.time()
-    s = Schedule(args.T, args.beta_start, args.beta_end, device)
+    t0 = time.time()
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)
-    samples, traj = sample(model.eval(), s, args.n_samples, gen, args.sigma, record_every=args.T // 5)
+    samples, traj = sample(eps_model.eval(), sched, args.n_samples, gen, args.variance, record_every=args.T // 5)
     samples = samples.cpu()
-    sample_s = time.time() - t1
+    sample_s = time.time() - t0
     torch.save(samples, run.path("uncond_gen_samples.pt"))
 
     run.progress("evaluate", 0, 1, force=True)
     metrics = score_samples(samples, x, xv)
-    metrics.update(final_train_loss=hist["train"][-1], final_val_loss=hist["val"][-1], steps=args.steps,
-                   train_time_s=round(train_s, 2), sample_time_s=round(sample_s, 2),
-                   train_steps_per_s=round(args.steps / train_s, 2), finite_samples=bool(torch.isfinite(samples).all()),
-                   device=str(device))
-    run.log(**metrics)
-
-    common.scatter(run.path("samples.png"), samples, background=x,
-                   title=f"DDPM samples (NLL {metrics['nll']:.3f}, floor {metrics['nll_floor']:.3f})")
-    common.plot_curves(run.path("loss.png"), {"train": (hist["step"], hist["train"]),
-                                              "validation": (hist["step"], hist["val"])},
+    run.log(**metrics, final_train_loss=loop.history["train"][-1], final_val_loss=loop.history["val_loss"][-1],
+            train_time_s=round(loop.seconds, 2),
+            train_steps_per_s=round((loop.s["step"] - loop.start) / max(loop.seconds, 1e-9), 2),
+            sample_time_s=round(sample_s, 2), finite_samples=bool(torch.isfinite(samples).all()), device=str(device))
+    scatter(run.path("samples.png"), samples, background=x,
+            title=f"DDPM samples (NLL {metrics['nll']:.3f}, floor {metrics['nll_floor']:.3f})")
+    common.plot_curves(run.path("loss.png"), {"train": (loop.history["step"], loop.history["train"]),
+                                              "validation": (loop.history["step"], loop.history["val_loss"])},
                        title="noise-prediction MSE")
-    ts = [0, args.T // 10, args.T // 4, args.T // 2, args.T - 1]
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    s_cpu = Schedule(args.T, args.beta_start, args.beta_end)
-    plot_panels(run.path("forward_process.png"),
-                [(f"t={t + 1}", q_sample(s_cpu, x, torch.full((len(x),), t), eps)) for t in ts], x,
-                "forward process q(x_t | x_0)")
+    sched_cpu = Schedule(linear_beta(args.T, args.beta_start, args.beta_end))
+    plot_panels(run.path("forward_process.png"), [(f"t={i + 1}", q_sample(x, torch.full((len(x),), i), eps, sched_cpu))
+                                                  for i in (0, args.T // 10, args.T // 4, args.T // 2, args.T - 1)],
+                x, "forward process q(x_t | x_0)")
     plot_panels(run.path("reverse_process.png"), [(f"t={t}", pts) for t, pts in traj], x,
                 "reverse process: x_t while sampling")
     run.finish()
     print(f"NLL {metrics['nll']:.3f} (floor {metrics['nll_floor']:.3f}), reverse NLL {metrics['reverse_nll']:.3f} "
-          f"(floor {metrics['reverse_nll_floor']:.3f}); train {train_s:.0f}s, sample {sample_s:.0f}s -> {run.dir}")
+          f"(floor {metrics['reverse_nll_floor']:.3f}), nn_dist {metrics['nn_dist']:.4f} -> {run.dir}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    common.main(main)

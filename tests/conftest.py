@@ -71,3 +71,62 @@ def tiny_emnist(tmp_path_factory):
 def run_script(*args, timeout=300):
     """Run a project script as a user would; returns the CompletedProcess (never raises on failure)."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+CORE_START = "# ==== core: the method, with torch, numpy and math only (tests/test_core.py runs this span alone) ===="
+CORE_END = "# ==== end of core ===="
+
+
+def core_source(script):
+    """The span between the two core markers of `script` (a file name in the project root)."""
+    src = open(os.path.join(ROOT, script), encoding="utf-8").read()
+    assert src.count(CORE_START) == 1 and src.count(CORE_END) == 1, f"{script}: the two core markers, once each"
+    return src.split(CORE_START)[1].split(CORE_END)[0]
+
+
+def core_namespace(script, **modules):
+    """Run the core of `script` alone, as a reader who copies it would: in a fresh namespace that holds only math,
+    numpy as np, torch, torch.nn as nn and torch.nn.functional as F, plus `modules` (for a script that imports another
+    script: that script's core namespace, as a module-like object). Returns the namespace."""
+    import math
+    import types
+    import torch
+    ns = {"__name__": f"core_of_{script[:-3]}", "math": math, "np": np, "torch": torch, "nn": torch.nn,
+          "F": torch.nn.functional}
+    ns.update({k: types.SimpleNamespace(**v) if isinstance(v, dict) else v for k, v in modules.items()})
+    exec(compile(core_source(script), f"{script}:core", "exec"), ns)
+    return ns
+
+
+def interrupt(args, ready, sig, timeout=120):
+    """Start a project script (args as for run_script), wait until the file `ready` exists (say, the first
+    checkpoint: training is under way), send `sig`, and return the CompletedProcess-like (returncode, stdout, stderr)."""
+    import signal as _signal
+    import time
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not os.path.exists(ready) and p.poll() is None and time.time() - t0 < timeout:
+        time.sleep(0.02)
+    assert p.poll() is None, "the run ended before it could be interrupted"
+    p.send_signal(sig if isinstance(sig, int) else getattr(_signal, sig))
+    out, err = p.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def run_in_process(module, *args):
+    """Run `module`.main through common.main as `python module.py args` would, in this process (no interpreter and
+    torch start-up: fast); returns a CompletedProcess with the exit code and the captured stdout and stderr."""
+    import contextlib
+    import io
+    import common
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [f"{module.__name__}.py", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            common.main(module.main)
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
