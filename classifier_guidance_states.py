@@ -31,8 +31,10 @@ import common
 import ddpm_states
 
 SCRIPT = "classifier_guidance_states"
-PRESETS = {"default": dict(train_steps=2000, batch_size=10000, n_samples=5000, n_per_state=1000, eval_every=100),
-           "quick": dict(train_steps=200, batch_size=2000, n_samples=300, n_per_state=200, eval_every=50)}
+PRESETS = {"default": dict(train_steps=2000, batch_size=10000, n_samples=5000, n_per_state=1000, eval_every=100,
+                       sweep_w=(0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0), sweep_n=1000),
+           "quick": dict(train_steps=200, batch_size=2000, n_samples=300, n_per_state=200, eval_every=50,
+                         sweep_w=(0.0, 2.0), sweep_n=100)}
 
 
 # ==== core: the method, with torch, numpy and math only (tests/test_core.py runs this span alone) ====
@@ -150,6 +152,35 @@ def score_states(samples, x, y, xv, yv, names):
     return metrics
 
 
+def guidance_sweep(eps_model, clf, sched, data, names, args, run):
+    """The trade the scale makes: every state's on_state share and NLL gap (NLL minus its floor) at each w of
+    --sweep-w, from --sweep-n samples per state; returns the rows and draws guidance_sweep.png."""
+    import matplotlib.pyplot as plt
+    rows, device = [], sched.beta.device
+    for k, w in enumerate(args.sweep_w):
+        run.progress("guidance sweep", k, len(args.sweep_w), force=True)
+        labels = torch.arange(len(names)).repeat_interleave(args.sweep_n)
+        gen = torch.Generator(device=device).manual_seed(args.seed + 5)
+        m = score_states(guided_sample(eps_model, clf, sched, labels, gen, w, args.sample_batch).split(args.sweep_n),
+                         *data, names)
+        rows.append({"w": w, "on_state": {n: m[n]["on_state"] for n in names},
+                     "nll_gap": {n: m[n]["nll"] - m[n]["nll_floor"] for n in names}})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, worst in ((axes[0], "on_state", min), (axes[1], "nll_gap", max)):
+        for n in names:
+            ax.plot(args.sweep_w, [r[key][n] for r in rows], "o-", ms=3, lw=0.8, alpha=0.6, label=n)
+        ax.plot(args.sweep_w, [worst(r[key].values()) for r in rows], "k-", lw=2, label="worst state")
+        ax.set(xlabel="guidance scale w", ylabel={"on_state": "share on the requested state",
+                                                  "nll_gap": "NLL minus the state's floor"}[key])
+        ax.grid(alpha=0.3)
+    axes[0].axhline(0.99, color="grey", ls=":", lw=1)
+    axes[1].axhline(0.1, color="grey", ls=":", lw=1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"classifier guidance: on-state share and NLL gap against the scale ({args.sweep_n} samples per state)")
+    common.save_fig(fig, run.path("guidance_sweep.png"))
+    return rows
+
+
 def plot_prediction_maps(path, clf, sched, x, names, device, steps):
     """The classifier's decision regions over the plane at several t: colour = argmax, opacity = confidence."""
     import matplotlib.pyplot as plt
@@ -191,6 +222,8 @@ def parse_args(argv=None):
     p.add_argument("--n-samples", type=common.num(int, 1, 10**6), help="samples per state")
     p.add_argument("--sample-batch", type=common.num(int, 1, 10**6), default=25000,
                    help="points per guided-sampling batch (lower it if memory is short)")
+    p.add_argument("--sweep-w", type=common.num_list(float, 0, 1000), help="guidance scales of the sweep ('' : none)")
+    p.add_argument("--sweep-n", type=common.num(int, 1, 10**6), help="samples per state at each scale of the sweep")
     p.add_argument("--train-steps", type=common.num(int, 1, 10**7), help="classifier optimizer steps")
     p.add_argument("--batch-size", type=common.num(int, 1, 10**6), help="classifier points per step")
     p.add_argument("--lr", type=common.num(float, 0, 10, open_lo=True), default=2e-3, help="classifier peak lr")
@@ -240,6 +273,8 @@ def main():
             max_nll_gap=max(m["nll"] - m["nll_floor"] for m in metrics.values()), w=args.w,
             classifier_val_acc=hist["val_acc"][-1], train_time_s=round(train_s, 2),
             sample_time_s=round(time.time() - t1, 2), device=str(device))
+    if args.sweep_w:
+        run.log(guidance_sweep=guidance_sweep(eps_model, clf, sched, (x, y, xv, yv), names, args, run))
     plot_per_state(run.path("guided_samples.png"), samples, x, names, metrics)
     ddpm_states.scatter(run.path("guided_samples_all.png"), torch.cat(samples), labels, background=x, names=names,
                         title=f"classifier guidance, s = {args.w:g}")

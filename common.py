@@ -62,11 +62,14 @@ def parse(p, argv=None):
 
 
 def resumed(args, ckpt, may_change=()):
-    """The settings of a resumed run: the checkpoint's, except the run's place (--out, --run-id, --device) and the
-    flags in `may_change` when given. Another flag given with a different value is an error: a resumed run
-    continues the run it resumes."""
+    """The settings of a resumed run: the checkpoint's, except the run's place (--out, --run-id, --device) and, when
+    given, --data-root and the flags in `may_change`. Another flag given with a different value is an error: a
+    resumed run continues the run it resumes."""
+    if "loop" not in ckpt:
+        raise UsageError("this checkpoint holds no training state (an older format); it can be sampled only")
     for k, v in ckpt["config"].items():
-        if k in ("out", "run_id", "device", "resume", "explicit") or k in may_change and k in args.explicit:
+        changeable = k in (*may_change, "data_root") and k in args.explicit
+        if k in ("out", "run_id", "device", "resume", "explicit") or changeable:
             continue
         if k in args.explicit and getattr(args, k) != v:
             can = f" (only {', '.join(may_change)} may change)" if may_change else ""
@@ -84,14 +87,15 @@ def num(kind=int, lo=None, hi=None, open_lo=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {s!r}")
         if not (math.isfinite(v) and (lo is None or v > lo or v == lo and not open_lo) and (hi is None or v <= hi)):
-            raise argparse.ArgumentTypeError(f"must be in {'(' if open_lo else '['}{lo}, {hi or 'inf'}], got {s}")
+            low, high = "-inf" if lo is None else lo, "inf" if hi is None else hi
+            raise argparse.ArgumentTypeError(f"must be in {'(' if open_lo else '['}{low}, {high}], got {s}")
         return v
     return parse_num
 
 
 def num_list(*bounds, **kw):
-    """Comma-separated numbers, each checked as by num(*bounds): "64,128,256" -> (64, 128, 256)."""
-    return lambda s: tuple(map(num(*bounds, **kw), s.split(",")))
+    """Comma-separated numbers, each checked as by num(*bounds): "64,128,256" -> (64, 128, 256); "" -> ()."""
+    return lambda s: tuple(map(num(*bounds, **kw), s.split(","))) if s.strip() else ()
 
 
 # ----------------------------------------------------------------------------- device, checkpoints
@@ -148,6 +152,8 @@ def load_image_dataset(name="mnist", root="./data", train=True, val_size=5000, s
     """Images (N, 1, 28, 28) in [-1, 1] and int64 labels from root/<folder>/raw in torchvision's layout (torchvision
     downloads them there once). train=True: (x, y, x_val, y_val), `val_size` images held out by a fixed permutation;
     train=False: the test split."""
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     folder, prefix = DATASETS[name][0], DATASETS[name][1 if train else 2]
     raw, files = os.path.join(root, folder, "raw"), [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
     paths = [os.path.join(raw, f + ("" if os.path.isfile(os.path.join(raw, f)) else ".gz")) for f in files]
@@ -210,10 +216,14 @@ class RunError(RuntimeError):
     """The run cannot go on (a NaN loss, non-finite samples): it fails with this one-line reason, exit code 1."""
 
 
-def _on_signal(signum, frame):  # inside a TrainLoop the signal waits for the end of the step: the checkpoint is whole
-    if not TrainLoop.active or TrainLoop.active.signal:
+def _on_signal(signum, frame):
+    """Inside a TrainLoop a signal waits for the end of the step, so that the checkpoint is a whole step's state; a
+    second signal more than a second later (not the copy torchrun forwards) stops at once."""
+    loop = TrainLoop.active
+    if loop and not loop.signal:
+        loop.signal, loop.signal_time = signal.Signals(signum).name, time.time()
+    elif not loop or time.time() - loop.signal_time > 1.0:
         raise Interrupted(signal.Signals(signum).name)
-    TrainLoop.active.signal = signal.Signals(signum).name
 
 
 class Run:
@@ -321,14 +331,14 @@ class TrainLoop:
         self.late, self.signal, self.stop_reason = False, None, None
 
     def __iter__(self):
-        t0, TrainLoop.active = time.time(), self
+        t0, outer, TrainLoop.active = time.time(), TrainLoop.active, self
         bar = progress_bar(total=self.total, initial=self.start, desc="train", disable=not self.run)
         try:
             while self.s["step"] < self.total and not self.stop_reason:
                 flags = torch.tensor([self.signal is not None, 0 < self.max_s < time.time() - t0], dtype=torch.float)
                 stop, self.late = self.reduce(flags).gt(0).tolist()
                 if stop:  # Ctrl-C or SIGTERM (in any process): a checkpoint of the state after the last whole step
-                    self._checked(self.s["step"])
+                    self.window = list(self._checked(self.s["step"]))  # over processes: what a resumed run records
                     self.save(self.s["step"])
                     if self.run:
                         self.run.hint = f" at step {self.s['step']}; --resume {self.path} continues it"
@@ -338,7 +348,8 @@ class TrainLoop:
                 bar.update(1)
                 self.run and self.run.progress("train", self.s["step"], self.total)
         finally:
-            TrainLoop.active = bar.close()
+            TrainLoop.active = outer
+            bar.close()
         self.seconds = time.time() - t0
         self.run and self.run.log(train_steps=self.s["step"], stop_reason=self.stop_reason or "steps")
 
@@ -356,11 +367,12 @@ class TrainLoop:
                                  f"a weight is not finite after step {last}") + f"; {kept}")
         return w
 
-    def record(self, loss):
-        """Keep this step's loss on the device (no sync); at the end of a window check them all and return True."""
+    def record(self, loss, close=False):
+        """Keep this step's loss on the device (no sync); at the end of a window (every `every` steps, or now with
+        close=True, say at the end of an epoch) check them all and return True."""
         self.window.append(loss.detach().float())
         done = self.s["step"] + 1
-        if done % self.every and done < self.total and not self.late:
+        if done % self.every and done < self.total and not self.late and not close:
             return False
         self._w = self._checked(done)
         return True
@@ -371,7 +383,7 @@ class TrainLoop:
         self.s["losses"], self.window = self.s["losses"] + self._w.tolist(), []
         for k, v in {"step": self.s["step"] + 1, "train": float(self._w.mean()), **metrics}.items():
             self.history.setdefault(k, []).append(v)
-        if "val_loss" in metrics:
+        if "val_loss" in metrics and (self.s["step"] + 1) % self.every == 0:  # a stop off the grid does not count
             better = metrics["val_loss"] < self.s["best"]
             self.s["bad"], self.s["best"] = (0, metrics["val_loss"]) if better else (self.s["bad"] + 1, self.s["best"])
         self.stop_reason = ("early stopping" if self.patience and self.s["bad"] >= self.patience else

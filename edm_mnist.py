@@ -4,7 +4,7 @@ Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Ba
 exactly as a learner meets it in the paper (Table 1, Algorithm 2), on MNIST.
 
 Data x0 in [-1, 1]^(1x28x28), noised at level sigma:  x = x0 + sigma eps,  eps ~ N(0, I).
-Preconditioning: the denoiser D wraps a raw network F (a U-Net):
+Preconditioning: the denoiser D wraps a raw network F (a U-Net, the attribute `net` in the code):
   D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))
   c_in    = 1 / sqrt(sigma^2 + sigma_data^2)          (unit-variance network input)
   c_skip  = sigma_data^2 / (sigma^2 + sigma_data^2)    (-> 1 as sigma -> 0: D(x, sigma) -> x)
@@ -24,25 +24,17 @@ Sampling: Karras schedule, i = 0..N-1, then sigma_N = 0:
     if sigma_{i+1} > 0: d'_i = (x_{i+1} - D(x_{i+1}, sigma_{i+1})) / sigma_{i+1};
                         x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) (d_i + d'_i) / 2                         (Heun)
   no correction on the last step to sigma = 0, so N steps cost 2N - 1 evaluations of D.
-Defaults (the configuration this reproduces): sigma_min 0.002, sigma_max 80, rho 7, sigma_data 0.5, P_mean -1.2,
-  P_std 1.2, batch 128, 80 sampling steps (the paper's 18 steps: --sample-steps 18); --sigma-data measured uses the
-  training data's standard deviation. A steps study scores N = 5, 10, 18, 40, 80 steps (FID and time per sample).
-Network F: a residual U-Net with a sinusoidal embedding of c_noise: stem conv 1 -> c1; residual blocks at c1 (28x28)
-  and c2 (14x14) with strided-conv downsampling 28 -> 14 -> 7; two residual blocks at c3 (7x7); transposed-conv
-  upsampling, skip concatenation and residual blocks 7 -> 14 -> 28; GroupNorm, SiLU, conv c1 -> 1.
-  Channels c1,c2,c3 = 64,128,256 (--channels).
-Presets: the default (gpu) trains 25 epochs (469 steps each at batch 128 on all 60,000 images), AdamW lr 1e-3 after a
-  500-step warm-up, and scores N = 10,000 samples; --preset cpu is the 2-core CPU recipe: channels 16,32,64, lr 2e-3,
-  at most 20 minutes of training (--max-minutes), N = 1,000 scored, 500 per steps-study point; --quick is a smoke test
-  (150 steps of an 8,16,32 net, 10 sampling steps, about 20 s).
+Defaults: the paper's (sigma_data 0.5, P_mean -1.2, P_std 1.2, batch 128), 80 sampling steps (the paper's 18:
+  --sample-steps 18); a steps study scores N = 5, 10, 18, 40, 80. F: a residual U-Net at 28, 14 and 7 pixels with a
+  sinusoidal embedding [sin, cos] of c_noise. Resume is exact: epoch e's shuffle is a function of (seed, e) and every
+  step's noise comes from the training loop's generator, which the checkpoint holds.
 
 Usage: python edm_mnist.py [--preset cpu] [--quick] [--epochs 25] [--sample-steps 18] [--sigma-data measured] ... ;
        python edm_mnist.py --checkpoint outputs/edm_mnist/RUN/checkpoint.pt   (sample and score only)
+       python edm_mnist.py --resume outputs/edm_mnist/RUN/checkpoint.pt [--epochs 40]   (continue training)
 """
 import copy
 import math
-import os
-import sys
 import time
 
 import numpy as np
@@ -54,41 +46,28 @@ import common
 import evaluate
 
 SCRIPT = "edm_mnist"
-# flag defaults per preset; flags given on the command line win. "gpu" is the default run.
-PRESETS = {
-    "gpu": dict(channels="64,128,256", epochs=25, batch_size=128, max_steps=0, max_minutes=0.0, lr=1e-3,
-                warmup_steps=500, ema_halflife_kimg=50.0, log_every=100, sample_steps=80, n_eval=10000,
-                study_steps="5,10,18,40,80", study_n=10000, sample_batch=1000, judge_epochs=None),
-    "cpu": dict(channels="16,32,64", epochs=30, batch_size=128, max_steps=0, max_minutes=20.0, lr=2e-3,
-                warmup_steps=200, ema_halflife_kimg=20.0, log_every=50, sample_steps=80, n_eval=1000,
-                study_steps="5,10,18,40,80", study_n=500, sample_batch=500, judge_epochs=None),
-    "quick": dict(channels="8,16,32", epochs=100, batch_size=64, max_steps=150, max_minutes=0.0, lr=2e-3,
-                  warmup_steps=10, ema_halflife_kimg=0.5, log_every=10, sample_steps=10, n_eval=100,
-                  study_steps="5,10", study_n=50, sample_batch=200, judge_epochs=0.05),
-}
+PRESETS = {  # "gpu" holds every default; the others change some
+    "gpu": dict(channels=(64, 128, 256), epochs=25, train_steps=None, max_minutes=0.0, batch_size=128, lr=1e-3,
+                warmup_steps=500, ema_halflife_kimg=50.0, eval_every=469, sample_steps=80, n_samples=10000,
+                study_steps=(5, 10, 18, 40, 80), study_n=10000, sample_batch=1000, judge_epochs=None),
+    "cpu": dict(channels=(16, 32, 64), epochs=30, max_minutes=20.0, lr=2e-3, warmup_steps=200, ema_halflife_kimg=20.0,
+                eval_every=100, n_samples=1000, study_n=500, sample_batch=500),
+    "quick": dict(channels=(8, 16, 32), train_steps=150, batch_size=64, lr=2e-3, warmup_steps=10, ema_halflife_kimg=0.5,
+                  eval_every=10, sample_steps=10, n_samples=100, study_steps=(5, 10), study_n=50, sample_batch=200,
+                  judge_epochs=0.05)}
+# what a resumed run may change: its budget, where the data are, and everything after training (sampling, scoring)
+MAY_CHANGE = ("train_steps", "epochs", "max_minutes", "eval_every", "data_root", "sample_steps", "n_samples", "study_n",
+              "study_steps", "sample_batch", "no_eval", "judge_epochs", "S_churn", "S_min", "S_max", "S_noise")
 
 
-# ----------------------------------------------------------------------------- data
-def load_data(args):
-    """The whole MNIST training split in [-1, 1] (EDM holds nothing out): 60,000 images, 469 steps per epoch at 128."""
-    x, _, _, _ = common.load_image_dataset(args.dataset, args.data_root, train=True, val_size=0)
-    if tuple(x.shape[1:]) != (1, 28, 28):
-        raise common.UsageError(f"{args.dataset}: expected 1 x 28 x 28 images, got {tuple(x.shape[1:])}")
-    return x
-
-
-# ----------------------------------------------------------------------------- model
-def n_groups(ch):
-    return min(8, ch) if ch % min(8, ch) == 0 else 1
-
-
-def sinusoidal_embedding(c_noise, dim):
-    """[cos(c_noise w_k), sin(c_noise w_k)], w_k = 10000^(-k/(dim/2)): EDM's PositionalEmbedding, applied to
-    c_noise = ln(sigma)/4 directly (sampling spans ln(0.002)/4 = -1.55 to ln(80)/4 = 1.10, which the low-k
-    frequencies cover)."""
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=c_noise.device) / (dim // 2))
-    args = c_noise.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], dim=1)
+# ==== core: the method, with torch, numpy and math only (tests/test_core.py runs this span alone) ====
+def timestep_embedding(t, dim):
+    """[sin(t w_k), cos(t w_k)], w_k = 10000^(-k / (dim/2)), applied to c_noise = ln(sigma)/4 directly (sampling spans
+    ln(0.002)/4 = -1.55 to ln(80)/4 = 1.10, which the low-k frequencies cover). EDM's code puts cos first; a linear
+    layer follows, so the order is immaterial."""
+    w = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    args = t.float()[:, None] * w[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
 
 
 class ResBlock(nn.Module):
@@ -97,10 +76,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in, c_out, emb_dim):
         super().__init__()
-        self.c_in, self.c_out = c_in, c_out
-        self.norm1, self.conv1 = nn.GroupNorm(n_groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = nn.GroupNorm(math.gcd(8, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2, self.conv2 = nn.GroupNorm(n_groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(math.gcd(8, c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -111,43 +89,33 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """F(c_in x, c_noise) for 1 x 28 x 28 images. The layers live in one ordered dict; a layer tagged
-    skip_out pushes its output on a stack and one tagged skip_in concatenates the top of the stack to its input,
-    so the forward pass and the schematic (figure_unet) read the same list."""
+    """F(c_in x, c_noise) for 1 x 28 x 28 images; the layers in the order the forward pass runs them."""
 
     def __init__(self, channels=(64, 128, 256)):
         super().__init__()
         c1, c2, c3 = channels
-        emb = 4 * c1
-        self.emb_in = c1
-        self.embed = nn.Sequential(nn.Linear(c1, emb), nn.SiLU(), nn.Linear(emb, emb))
-        L = self.layers = nn.ModuleDict()
-        L["stem"] = nn.Conv2d(1, c1, 3, padding=1)                                 # 28
-        L["enc28"] = ResBlock(c1, c1, emb)                                         # 28, skip
-        L["down14"] = nn.Conv2d(c1, c1, 3, stride=2, padding=1)                   # 28 -> 14
-        L["enc14"] = ResBlock(c1, c2, emb)                                         # 14, skip
-        L["down7"] = nn.Conv2d(c2, c2, 3, stride=2, padding=1)                    # 14 -> 7
-        L["mid1"], L["mid2"] = ResBlock(c2, c3, emb), ResBlock(c3, c3, emb)       # 7, bottleneck
-        L["up14"] = nn.ConvTranspose2d(c3, c2, 2, stride=2)                       # 7 -> 14
-        L["dec14"] = ResBlock(2 * c2, c2, emb)                                     # 14, + skip enc14
-        L["up28"] = nn.ConvTranspose2d(c2, c1, 2, stride=2)                       # 14 -> 28
-        L["dec28"] = ResBlock(2 * c1, c1, emb)                                     # 28, + skip enc28
-        L["out"] = nn.Sequential(nn.GroupNorm(n_groups(c1), c1), nn.SiLU(), nn.Conv2d(c1, 1, 3, padding=1))
-        for name in ("enc28", "enc14"):
-            L[name].skip_out = True
-        for name in ("dec14", "dec28"):
-            L[name].skip_in = True
+        self.emb_dim = c1
+        self.embed = nn.Sequential(nn.Linear(c1, 4 * c1), nn.SiLU(), nn.Linear(4 * c1, 4 * c1))
+        self.stem = nn.Conv2d(1, c1, 3, padding=1)                          # 28
+        self.enc28 = ResBlock(c1, c1, 4 * c1)                               # 28, kept for dec28
+        self.down14 = nn.Conv2d(c1, c1, 3, stride=2, padding=1)            # 28 -> 14
+        self.enc14 = ResBlock(c1, c2, 4 * c1)                               # 14, kept for dec14
+        self.down7 = nn.Conv2d(c2, c2, 3, stride=2, padding=1)             # 14 -> 7
+        self.mid1, self.mid2 = ResBlock(c2, c3, 4 * c1), ResBlock(c3, c3, 4 * c1)  # 7, the bottleneck
+        self.up14 = nn.ConvTranspose2d(c3, c2, 2, stride=2)                # 7 -> 14
+        self.dec14 = ResBlock(2 * c2, c2, 4 * c1)                           # 14, after concatenating enc14's output
+        self.up28 = nn.ConvTranspose2d(c2, c1, 2, stride=2)                # 14 -> 28
+        self.dec28 = ResBlock(2 * c1, c1, 4 * c1)                           # 28, after concatenating enc28's output
+        self.out = nn.Sequential(nn.GroupNorm(math.gcd(8, c1), c1), nn.SiLU(), nn.Conv2d(c1, 1, 3, padding=1))
 
     def forward(self, x, c_noise):
-        emb = self.embed(sinusoidal_embedding(c_noise, self.emb_in))
-        skips = []
-        for layer in self.layers.values():
-            if getattr(layer, "skip_in", False):
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
-            if getattr(layer, "skip_out", False):
-                skips.append(x)
-        return x
+        emb = self.embed(timestep_embedding(c_noise, self.emb_dim))
+        h28 = self.enc28(self.stem(x), emb)
+        h14 = self.enc14(self.down14(h28), emb)
+        h = self.mid2(self.mid1(self.down7(h14), emb), emb)
+        h = self.dec14(torch.cat([self.up14(h), h14], dim=1), emb)
+        h = self.dec28(torch.cat([self.up28(h), h28], dim=1), emb)
+        return self.out(h)
 
 
 def precond(sigma, sigma_data):
@@ -172,27 +140,21 @@ class Denoiser(nn.Module):
         self.net, self.sigma_data = net, float(sigma_data)
 
     def forward(self, x, sigma):
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(len(x), 1, 1, 1)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).flatten().expand(len(x)).view(-1, 1, 1, 1)
         c_skip, c_out, c_in, c_noise = precond(sigma, self.sigma_data)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.training and x.device.type == "cuda"):
             f = self.net((c_in * x).float(), c_noise.flatten())
         return c_skip * x + c_out * f.float()
 
 
-def build_denoiser(config):
-    return Denoiser(UNet(tuple(config["channels"])), config["sigma_data"])
+def edm_loss(D, x0, P_mean=-1.2, P_std=1.2, gen=None):
+    """EDM's loss per element, lambda(sigma) || D(x0 + sigma eps, sigma) - x0 ||^2, ln sigma ~ N(P_mean, P_std^2),
+    eps ~ N(0, I): drawn on the CPU from `gen` (saved with a checkpoint, so a resumed run draws the same noise)."""
+    sigma = (torch.randn(len(x0), 1, 1, 1, generator=gen) * P_std + P_mean).exp().to(x0.device)
+    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+    return loss_weight(sigma, D.sigma_data) * (D(x0 + sigma * eps, sigma) - x0) ** 2
 
 
-def load_denoiser(path, device="cpu"):
-    """The EMA denoiser D(x, sigma) of an edm_mnist checkpoint (eval mode, no grads) and the checkpoint's config.
-    Raises common.UsageError (one line) for a missing file or another script's checkpoint."""
-    ckpt = common.load_checkpoint(path, SCRIPT, "model")
-    D = build_denoiser(ckpt["config"])
-    D.load_state_dict(ckpt["ema"])
-    return D.to(device).eval().requires_grad_(False), ckpt["config"]
-
-
-# ----------------------------------------------------------------------------- schedule
 def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """sigma_0..sigma_{n-1} of the Karras schedule, then sigma_n = 0 (float64, n + 1 values)."""
     if n < 2:
@@ -202,125 +164,6 @@ def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
-# ----------------------------------------------------------------------------- training
-def ema_update(ema, model, batch, nimg, halflife_kimg, rampup=0.05):
-    """theta_ema <- beta theta_ema + (1 - beta) theta, beta = 0.5^(batch / h), h = min(halflife, rampup * nimg):
-    the EDM code's EMA, whose short half-life early on keeps the random initialisation out of the average."""
-    h = min(halflife_kimg * 1000, rampup * nimg)
-    beta = 0.5 ** (batch / max(h, 1e-8))
-    with torch.no_grad():
-        for pe, p in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(p.detach(), 1 - beta)
-    return beta
-
-
-def edm_loss(D, x0, P_mean, P_std):
-    """Per-element lambda(sigma) || D(x0 + sigma eps, sigma) - x0 ||^2, ln sigma ~ N(P_mean, P_std^2)."""
-    sigma = (torch.randn(len(x0), 1, 1, 1, device=x0.device) * P_std + P_mean).exp()
-    x = x0 + sigma * torch.randn_like(x0)
-    return loss_weight(sigma, D.sigma_data) * (D(x, sigma) - x0) ** 2
-
-
-def all_finite(model):
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def save_checkpoint(path, D, ema, opt, config, epoch, step, history):
-    ckpt = {"script": SCRIPT, "kind": "model", "config": config, "model": D.state_dict(), "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "history": history}
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)  # the previous good checkpoint survives a crash mid-write
-
-
-def fail(run, msg):
-    run.finish("failed", msg)
-    print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def train(args, run, x, device, config, resume=None):
-    """Train D (from scratch or `resume`) for args.epochs epochs (or the step/time budget); returns (EMA, history, stats).
-    Losses stay on the device and are copied to the host once every log_every steps: no per-step sync."""
-    D = build_denoiser(config).to(device)
-    ema = copy.deepcopy(D).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(D.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    epoch, step, history = 0, 0, {"step_loss": [], "epoch_loss": []}
-    if resume is not None:
-        D.load_state_dict(resume["model"])
-        ema.load_state_dict(resume["ema"])
-        opt.load_state_dict(resume["optimizer"])
-        epoch, step, history = resume["epoch"], resume["step"], resume["history"]
-    x = x.to(device)
-    ckpt_path, t0, start_step = run.path("checkpoint.pt"), time.time(), step
-    steps_per_epoch = math.ceil(len(x) / args.batch_size)
-    total = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(args.seed + epoch)
-    stop, pending = "epochs", []
-    bar = common.progress_bar(total=total, initial=step, desc="train")
-
-    def kept():
-        return f"the last good checkpoint is kept at {ckpt_path}" if os.path.exists(ckpt_path) else \
-            "no checkpoint had been written yet"
-
-    def sync():  # one host copy of the pending losses; a NaN stops the run with the first bad step
-        vals = torch.stack(pending).float().cpu().tolist() if pending else []
-        for k, v in enumerate(vals):
-            if not math.isfinite(v):
-                fail(run, f"loss is {v} at step {len(history['step_loss']) + k + 1}; {kept()}")
-        history["step_loss"].extend(vals)
-        pending.clear()
-        if vals:
-            bar.set_postfix(loss=f"{np.mean(vals):.4f}")
-
-    while epoch < args.epochs and stop == "epochs":
-        D.train()
-        epoch_start = len(history["step_loss"]) + len(pending)
-        for idx in torch.randperm(len(x), generator=gen).split(args.batch_size):
-            for g in opt.param_groups:  # linear learning-rate warm-up (EDM ramps its lr up too)
-                g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
-            loss = edm_loss(D, x[idx.to(device)], args.P_mean, args.P_std).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(D.parameters(), 1.0)
-            opt.step()
-            step += 1
-            ema_update(ema, D, len(idx), step * args.batch_size, args.ema_halflife_kimg)
-            pending.append(loss.detach())
-            bar.update(1)
-            run.progress("train", step, total)
-            if step % args.log_every == 0:
-                sync()
-            if args.max_steps and step >= args.max_steps:
-                stop = "max steps"
-            elif args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
-                stop = "time budget"
-            if stop != "epochs":
-                break
-        sync()
-        if stop == "epochs" or len(history["step_loss"]) - epoch_start == steps_per_epoch:
-            epoch += 1
-            history["epoch_loss"].append(float(np.mean(history["step_loss"][epoch_start:])))
-        elif len(history["step_loss"]) > epoch_start:  # a partial epoch still gets its mean, marked by the step count
-            history.setdefault("partial_epoch", {})[epoch] = float(np.mean(history["step_loss"][epoch_start:]))
-        if not all_finite(D):  # the last optimizer step may have produced NaN weights not yet seen in a loss
-            fail(run, f"weights are not finite after step {step}; {kept()}")
-        save_checkpoint(ckpt_path, D, ema, opt, config, epoch, step, history)
-        run.log(step=step, epoch=epoch, epoch_loss=history["epoch_loss"][-1] if history["epoch_loss"] else None)
-        gen = torch.Generator().manual_seed(args.seed + epoch)  # a resumed run sees the same shuffles
-    bar.close()
-    secs = time.time() - t0
-    stats = {"total_steps": step, "epochs_done": epoch, "stop_reason": stop, "train_seconds": round(secs, 1),
-             "train_steps_per_s": round((step - start_step) / max(secs, 1e-9), 3),
-             "final_epoch_loss": history["epoch_loss"][-1] if history["epoch_loss"] else None,
-             "best_epoch_loss": min(history["epoch_loss"]) if history["epoch_loss"] else None,
-             "final_mean_loss_last_100_steps": float(np.mean(history["step_loss"][-100:])),
-             "partial_epoch_loss": history.get("partial_epoch", {}).get(epoch)}
-    if device.type == "cuda":
-        stats["gpu_hours"] = round(secs / 3600, 4)
-    return ema, history, stats
-
-
-# ----------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def edm_sampler(denoise, latents, sigmas, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, gen=None,
                 on_step=None):
@@ -343,8 +186,74 @@ def edm_sampler(denoise, latents, sigmas, S_churn=0.0, S_min=0.0, S_max=float("i
         if on_step:
             on_step(i + 1, N)
     return x_next
+# ==== end of core ====
 
 
+# ----------------------------------------------------------------------------- training
+def train(D, x, args, run, resume=None):
+    """AdamW after a linear warm-up, gradient norm clipped at 1.0, the EMA of the weights (module docstring); stops
+    after --train-steps (default: --epochs whole epochs)."""
+    ema = copy.deepcopy(D).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(D.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(x) / args.batch_size)
+    loop = common.TrainLoop(run, args.train_steps or args.epochs * steps_per_epoch, args.eval_every,
+                            {"model": D, "ema": ema, "optimizer": opt}, args.seed, vars(args), kind="model",
+                            resume=resume, max_minutes=args.max_minutes)
+    D.train()
+    for step in loop:
+        epoch, b = divmod(step, steps_per_epoch)
+        if b == 0 or step == loop.start:  # epoch e's shuffle depends on (seed, e) only: a resumed run continues it
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1_000_003 * args.seed + epoch))
+        idx = perm[b * args.batch_size:(b + 1) * args.batch_size].to(x.device)
+        for g in opt.param_groups:  # linear learning-rate warm-up (EDM ramps its lr up too)
+            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+        loss = edm_loss(D, x[idx], args.P_mean, args.P_std, loop.gen).mean()  # sigma and eps from loop.gen
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(D.parameters(), 1.0)
+        opt.step()
+        h = min(args.ema_halflife_kimg * 1000, 0.05 * (step + 1) * args.batch_size)  # short early: no init in EMA
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), D.parameters()):
+                p_ema.lerp_(p, 1 - 0.5 ** (len(idx) / h))
+        if loop.record(loss):
+            loop.evaluate(epoch=round((step + 1) / steps_per_epoch, 3))
+    return ema, loop
+
+
+def report_training(run, loop, steps_per_epoch, device):
+    """The training figures of metrics.json, loss_steps.png and loss_epochs.png, from every step's loss."""
+    losses, step, secs = loop.s["losses"], loop.s["step"], max(loop.seconds, 1e-9)
+    epochs = [float(np.mean(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch]))
+              for e in range(len(losses) // steps_per_epoch)]
+    cut = losses[len(epochs) * steps_per_epoch:]  # a budget that ends mid-epoch: that epoch's mean, apart
+    last = epochs[-1] if epochs else None
+    run.log(total_steps=step, epochs_done=len(epochs), epoch_loss=last, final_epoch_loss=last,
+            stop_reason=loop.stop_reason or ("steps" if loop.config["train_steps"] else "epochs"),
+            train_seconds=round(secs, 1), train_steps_per_s=round((step - loop.start) / secs, 3),
+            best_epoch_loss=min(epochs) if epochs else None, partial_epoch_loss=float(np.mean(cut)) if cut else None,
+            final_mean_loss_last_100_steps=float(np.mean(losses[-100:])),
+            **({"gpu_hours": round(secs / 3600, 4)} if device.type == "cuda" else {}))
+    steps, w = np.arange(1, len(losses) + 1), max(1, min(100, len(losses) // 10))
+    common.plot_curves(run.path("loss_steps.png"), {"per step": (steps, losses), f"mean of {w}": (
+        steps[w - 1:], np.convolve(losses, np.ones(w) / w, mode="valid"))}, title="training loss per step")
+    if epochs:
+        common.plot_curves(run.path("loss_epochs.png"), {"epoch mean": (np.arange(1, len(epochs) + 1), epochs)},
+                           xlabel="epoch", logy=False, title="training loss, mean per epoch")
+
+
+def load_denoiser(path, device="cpu"):
+    """(the EMA denoiser D(x, sigma), eval mode, no grads; the checkpoint) of an edm_mnist checkpoint. A missing,
+    corrupt or old file (another U-Net layout and embedding order) or another script's is a one-line UsageError."""
+    ckpt = common.load_checkpoint(path, SCRIPT, "model")
+    if "loop" not in ckpt:
+        raise common.UsageError(f"{path}: an edm_mnist checkpoint of the old format; train a new one")
+    D = Denoiser(UNet(tuple(ckpt["config"]["channels"])), ckpt["config"]["sigma_data"])
+    D.load_state_dict(ckpt["ema"])
+    return D.to(device).eval().requires_grad_(False), ckpt
+
+
+# ----------------------------------------------------------------------------- sampling and evaluation
 def generate(D, n, steps, args, run, phase, device):
     """n images from fixed latents (seed + 1, so every step count starts from the same noise); returns them
     clamped to [-1, 1] on the CPU and the seconds taken."""
@@ -355,231 +264,158 @@ def generate(D, n, steps, args, run, phase, device):
         latents = torch.randn((size, 1, 28, 28), generator=gen).to(device)
         x = edm_sampler(D, latents, sigmas, args.S_churn, args.S_min, args.S_max, args.S_noise, gen,
                         on_step=lambda k, N, b=b: run.progress(phase, b * N + k, len(sizes) * N))
-        out.append(x.clamp(-1, 1).cpu())
-        run.progress(phase, b + 1, len(sizes))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        out.append(x.clamp(-1, 1).cpu())  # the copy to the host waits for the device: the time is the sampler's
     return torch.cat(out), time.time() - t0
 
 
-# ----------------------------------------------------------------------------- evaluation
-def unet_layers(net):
-    """[(name, kind, c_in, c_out, resolution, skip_out, skip_in)] from a forward pass with hooks on net.layers."""
-    rows, hooks = [], []
-    for name, layer in net.layers.items():
-        def hook(mod, inp, out, name=name):
-            kind = type(mod).__name__ if not isinstance(mod, nn.Sequential) else "GN+SiLU+conv"
-            rows.append((name, kind, inp[0].shape[1], out.shape[1], out.shape[-1],
-                         getattr(mod, "skip_out", False), getattr(mod, "skip_in", False)))
-        hooks.append(layer.register_forward_hook(hook))
-    p = next(net.parameters())
+def figure_unet(path, net):
+    """The U-Net's layers as boxes, one row per resolution, in the order forward hooks on its named children see them
+    run; a dashed arrow for a skip: an earlier layer's output found, tensor for tensor, in a layer's input."""
+    import matplotlib.pyplot as plt
+    names, rows, outs = {m: name for name, m in net.named_children()}, [], []
+
+    def hook(mod, inp, out):  # rows: (name, kind, c_in, c_out, resolution, index of the skip's source or None)
+        if out.ndim == 4:  # an image layer, not the embedding MLP
+            h, c = inp[0], outs[-1].shape[1] if outs else 1
+            kind = {nn.Conv2d: "conv", nn.ConvTranspose2d: "convT", nn.Sequential: "GN+SiLU+conv"}.get(
+                type(mod), type(mod).__name__) + (" s2" if getattr(mod, "stride", None) == (2, 2) else "")
+            src = next((j for j in reversed(range(len(outs))) if torch.equal(outs[j], h[:, c:])), None)
+            rows.append((names[mod], kind, h.shape[1], out.shape[1], out.shape[-1], src))
+            outs.append(out)
+    hooks, device = [m.register_forward_hook(hook) for m in names], next(net.parameters()).device
     with torch.no_grad():
-        net(torch.zeros(1, 1, 28, 28, device=p.device), torch.zeros(1, device=p.device))
+        net(torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(device), torch.zeros(1).to(device))
     for h in hooks:
         h.remove()
+    levels = sorted({r[4] for r in rows}, reverse=True)
+    xy = [(1.25 * i, -1.6 * levels.index(r[4])) for i, r in enumerate(rows)]
+    fig, ax = plt.subplots(figsize=(len(rows) + 0.5, 4.6))
+    for i, (name, kind, cin, cout, res, src) in enumerate(rows):
+        ax.text(*xy[i], f"{name}\n{kind}\n{cin}->{cout}\n{res}x{res}", ha="center", va="center", fontsize=6.5,
+                bbox=dict(boxstyle="round", ec="k", fc={"ResBlock": "#fdc", "convT s2": "#dce"}.get(kind, "#cde")))
+        if i:
+            ax.annotate("", xy[i], xy[i - 1], arrowprops=dict(arrowstyle="->", shrinkA=22, shrinkB=22))
+        if src is not None:
+            ax.annotate("", (xy[i][0], xy[i][1] + 0.45), (xy[src][0], xy[src][1] + 0.45), arrowprops=dict(
+                arrowstyle="->", color="C3", connectionstyle="arc3,rad=-0.25", ls="--"))
+    ax.set(xlim=(-0.8, 1.25 * len(rows) - 0.4), ylim=(-1.6 * len(levels) + 0.8, 2.9), aspect="equal")
+    ax.axis("off")
+    ax.set_title(f"U-Net F ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters); dashed: skip "
+                 "concatenation", fontsize=9)
+    common.save_fig(fig, path)
     return rows
 
 
-def figure_unet(path, net):
-    """The U-Net as boxes (kind, channels, resolution) placed by resolution, with skip arrows: drawn from the
-    model's own layer list, so it never goes stale."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyBboxPatch
-    rows = unet_layers(net)
-    levels = sorted({r[4] for r in rows}, reverse=True)
-    fig, ax = plt.subplots(figsize=(len(rows) + 0.5, 4.6))
-    pos, stack = [], []
-    for i, (name, kind, cin, cout, res, s_out, s_in) in enumerate(rows):
-        xc, yc = 1.25 * i, -1.6 * levels.index(res)
-        pos.append((xc, yc))
-        color = {"Conv2d": "#cde", "ConvTranspose2d": "#dce", "ResBlock": "#fdc"}.get(kind, "#ddd")
-        ax.add_patch(FancyBboxPatch((xc - 0.55, yc - 0.5), 1.1, 1.0, boxstyle="round,pad=0.02", fc=color, ec="k"))
-        label = {"Conv2d": "conv s2" if "down" in name else "conv", "ConvTranspose2d": "convT s2"}.get(kind, kind)
-        ax.text(xc, yc, f"{name}\n{label}\n{cin}->{cout}\n{res}x{res}", ha="center", va="center", fontsize=6.5)
-        if i:
-            ax.annotate("", (xc - 0.55, yc), (pos[i - 1][0] + 0.55, pos[i - 1][1]), arrowprops=dict(arrowstyle="->"))
-        if s_in:
-            j = stack.pop()
-            ax.annotate("", (xc, yc + 0.5), (pos[j][0], pos[j][1] + 0.5),
-                        arrowprops=dict(arrowstyle="->", color="C3", connectionstyle="arc3,rad=-0.25", ls="--"))
-        if s_out:
-            stack.append(i)
-    ax.set(xlim=(-0.8, 1.25 * len(rows) - 0.4), ylim=(-1.6 * (len(levels) - 1) - 0.8, 2.9), aspect="equal")
-    ax.axis("off")
-    n_params = sum(p.numel() for p in net.parameters())
-    ax.set_title(f"U-Net F ({n_params / 1e6:.2f} M parameters); dashed: skip concatenation", fontsize=9)
-    common.save_fig(fig, path)
-
-
 def figure_sigmas(path, args):
-    """sigma_i of the Karras schedule against i for the sampling step counts, log scale, and rho's effect."""
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for n in sorted({18, 80, args.sample_steps}):
-        s = karras_sigmas(n, args.sigma_min, args.sigma_max, args.rho)[:-1]
-        axes[0].plot(np.arange(n), s.numpy(), "o-", ms=3, label=f"N = {n}")
-    for rho in (1.0, 3.0, args.rho):
-        s = karras_sigmas(18, args.sigma_min, args.sigma_max, rho)[:-1]
-        axes[1].plot(np.arange(18), s.numpy(), "o-", ms=3, label=f"rho = {rho:g}")
-    axes[0].set(title=f"Karras schedule (rho = {args.rho:g}), then 0", ylabel="sigma_i")
-    axes[1].set(title="N = 18 for several rho")
-    for ax in axes:
-        ax.set(xlabel="step i", yscale="log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    common.save_fig(fig, path)
-
-
-def figure_losses(run, history):
-    losses = np.asarray(history["step_loss"])
-    steps = np.arange(1, len(losses) + 1)
-    w = max(1, min(100, len(losses) // 10))
-    smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
-    common.plot_curves(run.path("loss_steps.png"), {"per step": (steps, losses), f"mean of {w}": (steps[w - 1:], smooth)},
-                       title="training loss lambda(sigma) ||D - x0||^2 per step")
-    ep = history["epoch_loss"]
-    if ep:
-        common.plot_curves(run.path("loss_epochs.png"), {"epoch mean": (np.arange(1, len(ep) + 1), ep)},
-                           xlabel="epoch", logy=False, title="training loss, mean per epoch")
+    """sigma_i of the Karras schedule against i (log scale) for the sampling step counts, and rho 1 and 3 at N = 18."""
+    runs = [(n, args.rho) for n in sorted({18, 80, args.sample_steps})] + [(18, 1.0), (18, 3.0)]
+    common.plot_curves(path, {f"N = {n}, rho = {rho:g}": (np.arange(n), karras_sigmas(
+        n, args.sigma_min, args.sigma_max, rho)[:-1]) for n, rho in runs}, xlabel="step i", ylabel="sigma_i",
+                       title="Karras schedules (then sigma_N = 0)")
 
 
 def evaluate_run(D, args, run, device):
     """Sample grid, samples.pt, the judge's scores and the steps study (FID and time per sample against N)."""
     judge_kw = dict(dataset=args.dataset, data_root=args.data_root, out_root=args.out, device=device,
                     judge_epochs=args.judge_epochs)
-    grid, _ = generate(D, 100, args.sample_steps, args, run, "grid", device)
-    common.image_grid(run.path("samples_grid.png"), grid, nrow=10,
-                      title=f"EDM samples, Heun, {args.sample_steps} steps ({2 * args.sample_steps - 1} evaluations)")
-    samples, secs = generate(D, args.n_eval, args.sample_steps, args, run, "sample", device)
+    samples, secs = generate(D, args.n_samples, args.sample_steps, args, run, "sample", device)
     torch.save(samples, run.path("samples.pt"))
+    common.image_grid(run.path("samples_grid.png"), samples[:100], nrow=10,
+                      title=f"EDM samples, Heun, {args.sample_steps} steps ({2 * args.sample_steps - 1} evaluations)")
     run.log(n_samples=len(samples), sample_steps=args.sample_steps, sample_seconds=round(secs, 1),
             seconds_per_sample=round(secs / len(samples), 5))
     if args.no_eval:
         return
     run.progress("score", 0, 1, force=True)
-    main_eval = evaluate.score(samples, **judge_kw)
+    main_eval, study = evaluate.score(samples, **judge_kw), []
     run.log(eval=main_eval)
-    study = []
-    for n in args.study_steps:
-        if n == args.sample_steps and args.study_n == args.n_eval:  # the same samples: reuse their scores
-            s, t = main_eval, secs
-        else:
-            xs, t = generate(D, args.study_n, n, args, run, f"study N={n}", device)
-            s = evaluate.score(xs, **judge_kw)
+    for n in args.study_steps:  # the same N and n as above: the same samples, so reuse their scores
+        same = (n, args.study_n) == (args.sample_steps, args.n_samples)
+        xs, t = (samples, secs) if same else generate(D, args.study_n, n, args, run, f"study N={n}", device)
+        s = main_eval if same else evaluate.score(xs, **judge_kw)
         study.append({"steps": n, "nfe": 2 * n - 1, "fid": s["fid"], "fid_floor": s["fid_floor"],
                       "mean_top_prob": s["mean_top_prob"], "seconds_per_sample": round(t / args.study_n, 5)})
         run.log(steps_study=study)
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    ns = [r["steps"] for r in study]
-    axes[0].plot(ns, [r["fid"] for r in study], "o-", label="samples")
+    for ax, key, unit, name in zip(axes, ("fid", "seconds_per_sample"), (1, 1000), ("FID", "ms per sample")):
+        ax.plot([r["steps"] for r in study], [unit * r[key] for r in study], "o-", label="samples")
+        ax.set(xlabel="sampling steps N (2N - 1 evaluations)", ylabel=name, xscale="log", yscale="log",
+               title=f"{name} against N (n = {args.study_n}, {device.type})")
+        ax.grid(alpha=0.3)
     if study[0]["fid_floor"] is not None:
         axes[0].axhline(study[0]["fid_floor"], color="k", ls="--", label="real-data floor")
-    axes[0].set(xlabel="sampling steps N (2N - 1 evaluations)", ylabel="FID (judge features)", xscale="log",
-                yscale="log", title=f"FID against N (n = {args.study_n})")
     axes[0].legend()
-    axes[1].plot(ns, [1000 * r["seconds_per_sample"] for r in study], "o-")
-    axes[1].set(xlabel="sampling steps N", ylabel="ms per sample", xscale="log", title=f"time per sample ({device.type})")
-    for ax in axes:
-        ax.grid(alpha=0.3)
     common.save_fig(fig, run.path("steps_study.png"))
 
 
 # ----------------------------------------------------------------------------- main
-channels_arg = common.int_list(3)  # U-Net widths at 28, 14 and 7 pixels
-
-
-def sigma_data_arg(s):
-    return s if s == "measured" else common.positive_float(s)
-
-
-def build_parser():
-    p = common.make_parser(__doc__)
-    p.add_argument("--preset", choices=["gpu", "cpu"], default="gpu", help="flag defaults: gpu (the full run) or cpu "
-                   "(2 CPU cores, 20 min of training); --quick overrides both")
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"], help="1 x 28 x 28, 10-class dataset")
+def parse_args(argv=None):
+    p = common.make_parser(__doc__, PRESETS)
+    num, size = common.num, common.num(int, 2, 10**6)  # the judge scores two samples or more
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"], help="a 1 x 28 x 28, 10-class set")
     p.add_argument("--data-root", default="./data", help="torchvision data root (holds MNIST/raw)")
-    p.add_argument("--channels", type=channels_arg, help="U-Net widths c1,c2,c3 at 28, 14 and 7 pixels")
-    p.add_argument("--sigma-data", type=sigma_data_arg, default=0.5,
-                   help="data standard deviation in the preconditioning, or 'measured' (from the training images)")
-    p.add_argument("--P-mean", type=float, default=-1.2, help="mean of ln sigma during training")
-    p.add_argument("--P-std", type=common.positive_float, default=1.2, help="standard deviation of ln sigma in training")
-    p.add_argument("--epochs", type=common.positive_int, help="training epochs (total, when resuming)")
-    p.add_argument("--max-steps", type=common.nonneg_int,
-                   help="stop after this many optimizer steps (0: no limit)")
-    p.add_argument("--max-minutes", type=common.nonneg_float, help="training wall-time budget (0: none)")
-    p.add_argument("--batch-size", type=common.positive_int, help="images per step")
-    p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate (after the warm-up)")
-    p.add_argument("--warmup-steps", type=common.positive_int, help="steps of linear learning-rate warm-up")
-    p.add_argument("--weight-decay", type=common.nonneg_float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--ema-halflife-kimg", type=common.positive_float, help="EMA half-life in thousands of images")
-    p.add_argument("--log-every", type=common.positive_int, help="steps between host copies of the loss (NaN check)")
-    p.add_argument("--resume", default=None, help="checkpoint to continue training from (its architecture wins)")
+    p.add_argument("--channels", type=common.num_list(int, 1, 1024), help="U-Net widths at 28, 14 and 7 pixels")
+    p.add_argument("--sigma-data", type=lambda s: s if s == "measured" else num(float, 0, 100, open_lo=True)(s),
+                   default=0.5, help="data standard deviation in the preconditioning, or 'measured' (training images)")
+    p.add_argument("--P-mean", type=num(float, -20, 20), default=-1.2, help="mean of ln sigma during training")
+    p.add_argument("--P-std", type=num(float, 0, 20, open_lo=True), default=1.2, help="standard deviation of ln sigma")
+    p.add_argument("--epochs", type=num(int, 1, 10**5), help="training epochs (total, when resuming)")
+    p.add_argument("--train-steps", "--max-steps", type=num(int, 1, 10**8),
+                   help="optimizer steps in all (default: --epochs whole epochs)")
+    p.add_argument("--max-minutes", type=num(float, 0, 10**6), help="minutes of training in this invocation (0: none)")
+    p.add_argument("--batch-size", type=num(int, 1, 10**5), help="images per step")
+    p.add_argument("--lr", type=num(float, 0, 10, open_lo=True), help="AdamW learning rate (after the warm-up)")
+    p.add_argument("--warmup-steps", type=num(int, 1, 10**8), help="steps of linear learning-rate warm-up")
+    p.add_argument("--weight-decay", type=num(float, 0, 10), default=0.0, help="AdamW weight decay")
+    p.add_argument("--ema-halflife-kimg", type=num(float, 0, 10**6, open_lo=True), help="EMA half-life, kimg")
+    p.add_argument("--eval-every", "--log-every", type=num(int, 1, 10**8),
+                   help="steps between checkpoints (and the NaN check of the losses)")
+    p.add_argument("--resume", default=None, help="checkpoint.pt of an unfinished run: continue it exactly")
     p.add_argument("--checkpoint", default=None, help="skip training: sample and score this checkpoint's EMA")
-    p.add_argument("--sigma-min", type=common.positive_float, default=0.002, help="smallest sampling noise level")
-    p.add_argument("--sigma-max", type=common.positive_float, default=80.0, help="largest sampling noise level")
-    p.add_argument("--rho", type=common.positive_float, default=7.0, help="Karras schedule exponent (1: linear)")
-    p.add_argument("--sample-steps", type=common.positive_int, help="Heun steps N (2N - 1 evaluations); paper: 18")
-    p.add_argument("--S-churn", type=common.nonneg_float, default=0.0, help="stochastic churn (0: the deterministic ODE)")
-    p.add_argument("--S-min", type=common.nonneg_float, default=0.0, help="churn only for sigma >= S_min")
-    p.add_argument("--S-max", type=common.nonneg_float, default=float("inf"), help="churn only for sigma <= S_max")
-    p.add_argument("--S-noise", type=common.nonneg_float, default=1.0, help="scale of the churn noise")
-    p.add_argument("--n-eval", type=common.positive_int, help="samples written to samples.pt and scored")
-    p.add_argument("--study-steps", help="comma-separated step counts for the steps study")
-    p.add_argument("--study-n", type=common.positive_int, help="samples per step count in the steps study")
-    p.add_argument("--sample-batch", type=common.positive_int, help="images per sampling batch")
+    p.add_argument("--sigma-min", type=num(float, 0, 10**4, open_lo=True), default=0.002, help="sampling sigma_min")
+    p.add_argument("--sigma-max", type=num(float, 0, 10**4, open_lo=True), default=80.0, help="sampling sigma_max")
+    p.add_argument("--rho", type=num(float, 0, 100, open_lo=True), default=7.0, help="Karras schedule exponent")
+    p.add_argument("--sample-steps", type=num(int, 2, 10**4), help="Heun steps N (2N - 1 evaluations); paper: 18")
+    p.add_argument("--S-churn", type=num(float, 0, 10**4), default=0.0, help="stochastic churn (0: the ODE)")
+    p.add_argument("--S-min", type=num(float, 0), default=0.0, help="churn only for sigma >= S_min")
+    p.add_argument("--S-max", type=num(float, 0), default=float("inf"), help="churn only for sigma <= S_max")
+    p.add_argument("--S-noise", type=num(float, 0, 100), default=1.0, help="scale of the churn noise")
+    p.add_argument("--n-samples", "--n-eval", type=size, help="samples written to samples.pt and scored")
+    p.add_argument("--study-steps", type=common.num_list(int, 2, 10**4), help="step counts of the steps study")
+    p.add_argument("--study-n", type=size, help="samples per step count in the steps study")
+    p.add_argument("--sample-batch", type=num(int, 1, 10**5), help="images per sampling batch")
     p.add_argument("--no-eval", action="store_true", help="skip the judge's scores and the steps study")
-    p.add_argument("--judge-epochs", type=common.positive_float, help="judge budget if not cached (default: full)")
-    return p
-
-
-def parse_args():
-    p = build_parser()
-    p.set_defaults(**PRESETS["gpu"])
-    first, _ = p.parse_known_args()
-    p.set_defaults(**PRESETS["quick" if first.quick else first.preset])
-    args = p.parse_args()
-    if isinstance(args.channels, str):  # a preset's default string
-        args.channels = channels_arg(args.channels)
-    try:
-        args.study_steps = [int(v) for v in args.study_steps.split(",")]
-    except ValueError:
-        p.error(f"--study-steps: expected comma-separated integers, got {args.study_steps!r}")
-    if min(args.study_steps + [args.sample_steps]) < 2:
-        p.error("--sample-steps and --study-steps: the Karras schedule needs at least 2 steps")
+    p.add_argument("--judge-epochs", type=num(float, 0, 1000, open_lo=True), help="judge budget if not cached")
+    args = common.parse(p, argv)
+    if len(args.channels) != 3:
+        p.error(f"--channels: expected three widths c1,c2,c3, got {len(args.channels)}")
     if args.sigma_min >= args.sigma_max:
         p.error(f"--sigma-min ({args.sigma_min:g}) must be below --sigma-max ({args.sigma_max:g})")
-    if args.S_min > args.S_max:
-        p.error(f"--S-min ({args.S_min:g}) must not exceed --S-max ({args.S_max:g})")
     if args.resume and args.checkpoint:
         p.error("--resume and --checkpoint exclude each other")
     return args
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = common.get_device(args.device)
-    common.seed_everything(args.seed)
-    ckpt = None  # everything that can be wrong with the input is found before the run folder exists
-    if args.checkpoint or args.resume:
-        ckpt = common.load_checkpoint(args.checkpoint or args.resume, SCRIPT, "model")
-        args.channels, args.sigma_data = tuple(ckpt["config"]["channels"]), ckpt["config"]["sigma_data"]
-        args.dataset = ckpt["config"].get("dataset", args.dataset)  # judge and resume on the data it was trained on
-    x = load_data(args) if not args.checkpoint else None
-    if args.sigma_data == "measured":
-        args.sigma_data = round(float(x.std()), 4)
-    config = {"dataset": args.dataset, "channels": list(args.channels), "sigma_data": float(args.sigma_data),
-              "P_mean": args.P_mean, "P_std": args.P_std, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max,
-              "rho": args.rho}
+    D, ckpt = load_denoiser(args.resume or args.checkpoint, device) if args.resume or args.checkpoint else (None, None)
+    if args.resume:
+        args = common.resumed(args, ckpt, MAY_CHANGE)
+    elif ckpt:  # sample the checkpoint's EMA network; judge on the data it was trained on
+        args.channels, args.sigma_data, args.dataset = map(ckpt["config"].get, ("channels", "sigma_data", "dataset"))
+    # the whole training split (EDM holds nothing out); bad input is found here, before the run folder exists
+    x = None if args.checkpoint else common.load_image_dataset(args.dataset, args.data_root, val_size=0)[0]
+    args.sigma_data = round(float(x.std()), 4) if args.sigma_data == "measured" else args.sigma_data
+
     run = common.Run(SCRIPT, args)
-    run.log(device=str(device), sigma_data=config["sigma_data"])
+    run.log(device=str(device), sigma_data=args.sigma_data)
     figure_sigmas(run.path("sigma_schedule.png"), args)
-    if args.checkpoint:
-        D, _ = load_denoiser(args.checkpoint, device)
-    else:
-        D, history, stats = train(args, run, x, device, config, ckpt)
-        run.log(**stats)
-        figure_losses(run, history)
+    if not args.checkpoint:
+        torch.manual_seed(args.seed)  # the initial weights
+        D, loop = train(Denoiser(UNet(tuple(args.channels)), args.sigma_data).to(device), x.to(device), args, run, ckpt)
+        report_training(run, loop, math.ceil(len(x) / args.batch_size), device)
     figure_unet(run.path("unet.png"), D.net)
     evaluate_run(D, args, run, device)
     run.finish()
@@ -587,4 +423,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    common.main(main)

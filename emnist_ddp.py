@@ -1,46 +1,45 @@
 """emnist_ddp.py: a class-conditional DDPM on EMNIST "balanced" (47 characters), trained with DistributedDataParallel.
 
-Forward process (Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models"), t = 1..T, T = 600:
-  q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),  alpha_t = 1 - beta_t,  alpha_bar_t = prod_{s<=t} alpha_s
-  cosine schedule (Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models"; diffusers'
-  squaredcos_cap_v2): alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T) + s) / (1 + s) * pi/2), s = 0.008,
-  beta_t = min(1 - alpha_bar(t) / alpha_bar(t-1), 0.999), then alpha_bar_t = prod (1 - beta_s) (the cap is reflected).
+Forward process (Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models"), t = 1..T, T = 600, index i = t - 1:
+  q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),  alpha_t = 1 - beta_t,
+  alpha_bar_t = prod_{s<=t} alpha_s; cosine schedule (Nichol & Dhariwal 2021, "Improved Denoising Diffusion
+  Probabilistic Models"; diffusers' squaredcos_cap_v2): alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T) + s) / (1 + s)
+  * pi/2), s = 0.008, beta_t = min(1 - alpha_bar(t) / alpha_bar(t-1), 0.999), then alpha_bar_t = prod (1 - beta_s)
+  (the cap is reflected).
 Training: L = E || eps - eps_theta(x_t, t, y') ||^2, x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, y' = the
   null class (index 47) with probability 10% (label dropout), Adam lr 1e-4, global gradient norm clipped at 1.0,
   EMA theta_ema <- d theta_ema + (1 - d) theta, d = min(0.999, (1 + n) / (10 + n)) (the warm-up matters for short runs),
-  kept on the unwrapped module. A checkpoint every epoch (model, EMA, Adam, scheduler, epoch, RNG); --resume continues
-  exactly, even with another world size, since the per-step randomness is a function of (seed, epoch, step).
-Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"):
-  eps_hat = eps_theta(x_t, t, null) + w (eps_theta(x_t, t, y) - eps_theta(x_t, t, null)); w = 0 unconditional, 1 conditional.
+  kept on the unwrapped module.
+Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"), w = 0 unconditional, 1 conditional:
+  eps_hat = eps_theta(x_t, t, null) + w (eps_theta(x_t, t, y) - eps_theta(x_t, t, null)).
 Ancestral sampling, x_T ~ N(0, I): x0_hat = clip((x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t), -1, 1),
-  x_{t-1} = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x0_hat + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
-            + sigma_t z,  sigma_t^2 = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t  (no noise at t = 1).
+  x_{t-1} = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x0_hat
+            + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t + sigma_t z,
+  sigma_t^2 = beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t  (no noise at t = 1).
 Data: EMNIST balanced through torchvision: 47 classes (upper/lower-case pairs that look alike, c i j k l m o p s u v w
-  x y z, are merged, hence 47 and not 62), index -> character from the official mapping, images transposed upright,
-  in [-1, 1], resized on the device for the larger presets.
-Distributed: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process. Batch sizes are GLOBAL: each
-  of the W ranks takes batch/W (an error if W does not divide it). DistributedSampler (shuffle, seed, drop_last) gives
-  rank r the positions r, r+W, ... of each global batch; the noise, t and label dropout are drawn for the whole global
-  batch from a generator seeded by (seed, epoch, step) and rank r takes the same positions, so W ranks compute exactly
-  the 1-process batch and DDP's gradient average equals its mean-loss gradient: weights agree to float rounding.
-  Only rank 0 logs, writes metrics, plots and checkpoints (every epoch); after training the other ranks leave and
-  rank 0 samples and scores with the judge (evaluate.py, 28 x 28; samples are resized to 28 for it).
-Writes (rank 0): metrics.csv (per epoch: loss mean/std/min/max/median, lr, gradient norm, samples/s, batches/s, memory,
-  EMA divergence, epoch and total time), metrics_snapshot.json, a PNG per curve + dashboard.png, report.md (model card),
-  checkpoints/, class_grid.png, chars.png, progression/frame_*.png + progression.gif, samples.pt, metrics.json (scores).
-Presets (global batch): small 28 px, channels 64,128,256, batch 2048; medium 64 px, 64,128,256,256, 384;
-  large 96 px, 96,192,384,384, 96; xl 128 px, 128,256,512,512, 32; tiny (tests, --quick) 16 px, 8,16,32, 32, T = 20.
-  Per rank: batch / W, e.g. small on 8 GPUs 256 each, xl on 8 GPUs 4 each (xl allows W in 1, 2, 4, 8, 16, 32).
+  x y z, are merged, hence 47 and not 62), images transposed upright, in [-1, 1], resized on the device.
+Distributed: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE (one machine or several, under Slurm or not); without them this
+  is one process. Batch sizes are GLOBAL: each of the W ranks takes batch/W of a batch whose noise is drawn whole
+  (global_batch_noise), so W ranks compute exactly the 1-process batch and DDP's gradient average is its mean-loss
+  gradient: weights agree to float rounding, and a checkpoint resumes exactly with any W that divides the batch. Only
+  rank 0 writes; after training it samples and scores alone with the judge (evaluate.py, at 28 x 28). Faults: bad
+  input stops every rank before the process group forms (prepare); a NaN loss, Ctrl-C or SIGTERM stops them all at
+  the same step; a rank that dies is named and the run marked failed (DistInfo.watch), and a worker group that
+  torchrun restarts continues from the run's last checkpoint (--resume auto).
 
 Usage: python emnist_ddp.py --preset small --data-root ../shared/data
        torchrun --standalone --nproc_per_node=4 emnist_ddp.py --preset medium       (one machine, 4 GPUs or CPU procs)
        sbatch slurm/emnist_ddp.sbatch ; sbatch slurm/emnist_ddp_multinode.sbatch   (Slurm, one or several nodes)
-       python emnist_ddp.py --resume outputs/emnist_ddp/RUN/checkpoints/<name>.pt --epochs 60 --chars "ABCk3"
+       python emnist_ddp.py --resume outputs/emnist_ddp/RUN/checkpoints/latest.pt --epochs 60   (continue a run)
+       python emnist_ddp.py --checkpoint outputs/emnist_ddp/RUN/checkpoints/latest.pt --chars "ABCk3"   (sample only)
 """
-import csv
+import contextlib
 import datetime
+import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 
@@ -50,58 +49,70 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DistributedSampler
 
 import common
 import evaluate
 
 SCRIPT = "emnist_ddp"
-CLASSES = common.EMNIST_BALANCED_CLASSES  # index -> character (47)
-COMMON = dict(T=600, epochs=50, lr=1e-4, n_per_class=100, grid_per_class=10, sample_batch=2350, frame_every=None)
-PRESETS = {
-    "tiny": dict(COMMON, image_size=16, channels="8,16,32", batch_size=32, T=20, epochs=2, n_per_class=2,
-                 grid_per_class=2, sample_batch=512, judge_epochs=0.05),
-    "small": dict(COMMON, image_size=28, channels="64,128,256", batch_size=2048),
-    "medium": dict(COMMON, image_size=64, channels="64,128,256,256", batch_size=384, sample_batch=940),
-    "large": dict(COMMON, image_size=96, channels="96,192,384,384", batch_size=96, sample_batch=470),
-    "xl": dict(COMMON, image_size=128, channels="128,256,512,512", batch_size=32, sample_batch=235),
+COMMON = dict(T=600, epochs=50, lr=1e-4, n_samples=47 * 100, grid_per_class=10, sample_batch=2350)
+PRESETS = {  # batch sizes are GLOBAL
+    "small": dict(COMMON, image_size=28, channels=(64, 128, 256), batch_size=2048),
+    "medium": dict(COMMON, image_size=64, channels=(64, 128, 256, 256), batch_size=384, sample_batch=940),
+    "large": dict(COMMON, image_size=96, channels=(96, 192, 384, 384), batch_size=96, sample_batch=470),
+    "xl": dict(COMMON, image_size=128, channels=(128, 256, 512, 512), batch_size=32, sample_batch=235),
+    "quick": dict(COMMON, image_size=16, channels=(8, 16, 32), batch_size=32, T=20, epochs=2, n_samples=47 * 2,
+                  grid_per_class=2, sample_batch=512, judge_epochs=0.05),
 }
-# what a checkpoint fixes: architecture, data and everything the exact continuation of training depends on
-RESUME_KEYS = ("dataset", "preset", "image_size", "channels", "T", "batch_size", "seed", "p_uncond", "lr", "ema_decay",
-               "warmup_steps", "grad_clip")
-RANK, LOCAL_RANK, WORLD = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-DISTRIBUTED = "WORLD_SIZE" in os.environ  # launched by torchrun (or srun + torchrun)
 
 
-# ----------------------------------------------------------------------------- data
-def load_data(args):
-    """EMNIST balanced training split in [-1, 1], 1 x 28 x 28 (resized per batch on the device, not here: a resized
-    copy of the full split would take gigabytes per rank at 128 px)."""
-    x, y, _, _ = common.load_image_dataset(args.dataset, args.data_root, train=True, val_size=0)
-    if len(x) < args.batch_size:
-        raise common.UsageError(f"--batch-size {args.batch_size} exceeds the {len(x)} training images")
-    return x, y
+# ==== core: the method, with torch, numpy and math only (tests/test_core.py runs this span alone) ====
+N_CLASSES = 47  # EMNIST balanced; index 47 is the learned null class of classifier-free guidance
+
+
+class Schedule:
+    """beta_t and what follows from it (float32, on `device`); index i = t - 1 holds step t = 1..T."""
+
+    def __init__(self, beta, device="cpu"):
+        beta = beta.double()
+        alpha_bar = torch.cumprod(1 - beta, 0)
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        beta_tilde = (1 - alpha_bar_prev) / (1 - alpha_bar) * beta  # the variance of q(x_{t-1} | x_t, x_0)
+        for name, v in dict(beta=beta, alpha=1 - beta, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+                            beta_tilde=beta_tilde).items():
+            setattr(self, name, v.float().to(device))
+        self.T = len(beta)
+
+
+def cosine_beta(T, s=0.008, max_beta=0.999):
+    """beta_t = min(1 - alpha_bar(t) / alpha_bar(t-1), max_beta), alpha_bar(t) = f(t) / f(0), in float64."""
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+def q_sample(x0, i, eps, sched):
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, for a batch of indices i = t - 1."""
+    ab = sched.alpha_bar[i].view(-1, *[1] * (x0.ndim - 1))
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
 
 def resize(x, size):
+    """The data transform: 28 x 28 images in [-1, 1] to the training resolution (bilinear, antialiased)."""
     return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
                                                        align_corners=False)
 
 
-def char_to_class(c):
-    """A character -> its class; a lower-case letter merged into its capital (k -> K) maps there."""
-    if c in CLASSES:
-        return CLASSES.index(c)
-    if c.upper() in CLASSES and c.lower() not in CLASSES:
-        return CLASSES.index(c.upper())
-    raise common.UsageError(f"--chars: {c!r} is not an EMNIST balanced character ({''.join(CLASSES)})")
+def timestep_embedding(t, dim):
+    """[sin(t w_k), cos(t w_k)], w_k = 10000^(-k / (dim/2)) (Vaswani et al. 2017)."""
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    a = t.float()[:, None] * freqs[None]
+    return torch.cat([a.sin(), a.cos()], dim=1)
 
 
-# ----------------------------------------------------------------------------- model
 def norm(ch):
-    """GroupNorm, up to 8 groups of at least 2 channels. Per-sample statistics: no coupling across ranks (BatchNorm would
-    need SyncBatchNorm). With 1 channel a group it is InstanceNorm, which wipes out the per-channel biases before it:
-    their true gradient is 0, so Adam would blow their rounding noise up to full-size steps."""
+    """GroupNorm, up to 8 groups of at least 2 channels. Per-sample statistics: no coupling across ranks (BatchNorm
+    would need SyncBatchNorm). With 1 channel a group it is InstanceNorm, which wipes out the per-channel biases before
+    it: their true gradient is 0, so Adam would blow their rounding noise up to full-size steps."""
     return nn.GroupNorm(max([g for g in range(1, 9) if ch % g == 0 and ch >= 2 * g] or [1]), ch)
 
 
@@ -122,18 +133,11 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
 
 
-def timestep_embedding(t, dim):
-    """[sin(t w_k), cos(t w_k)], w_k = 10000^(-k / (dim/2)) (Vaswani et al. 2017)."""
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    a = t.float()[:, None] * freqs[None]
-    return torch.cat([a.sin(), a.cos()], dim=1)
-
-
 class UNet(nn.Module):
-    """eps_theta(x_t, t, y): a ResBlock per level, stride-2 conv down, nearest-upsample + conv up with skip
+    """eps_theta(x_t, i, y): a ResBlock per level, stride-2 conv down, nearest-upsample + conv up with skip
     concatenation, two ResBlocks at the bottom; len(channels) levels (size / 2^(levels-1) at the bottom)."""
 
-    def __init__(self, channels, n_classes=len(CLASSES)):
+    def __init__(self, channels, n_classes=N_CLASSES):
         super().__init__()
         c0, emb = channels[0], 4 * channels[0]
         self.null_class = n_classes
@@ -149,13 +153,14 @@ class UNet(nn.Module):
         self.mid1, self.mid2 = ResBlock(c, channels[-1], emb), ResBlock(channels[-1], channels[-1], emb)
         c = channels[-1]
         for ch in reversed(channels[:-1]):
-            self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, ch, 3, padding=1)))
+            self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                               nn.Conv2d(c, ch, 3, padding=1)))
             self.up.append(ResBlock(2 * ch, ch, emb))
             c = ch
         self.out = nn.Sequential(norm(c0), nn.SiLU(), nn.Conv2d(c0, 1, 3, padding=1))
 
-    def forward(self, x, t, y):
-        e = self.time_mlp(timestep_embedding(t, self.conv_in.out_channels)) + self.class_emb(y)
+    def forward(self, x, i, y):
+        e = self.time_mlp(timestep_embedding(i, self.conv_in.out_channels)) + self.class_emb(y)
         h, skips = self.conv_in(x), []
         for block, down in zip(self.down, self.downsample):
             h = block(h, e)
@@ -167,26 +172,13 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-# ----------------------------------------------------------------------------- schedule
-def make_schedule(T, device="cpu", s=0.008, max_beta=0.999):
-    """Per-step quantities (index i holds step t = i + 1) of the capped cosine schedule, computed in float64."""
-    t = torch.arange(T + 1, dtype=torch.float64)
-    f = torch.cos(((t / T) + s) / (1 + s) * math.pi / 2) ** 2
-    betas = (1 - (f[1:] / f[0]) / (f[:-1] / f[0])).clamp(max=max_beta)
-    alphas = 1 - betas
-    ab = torch.cumprod(alphas, 0)
-    abp = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
-    sched = {"betas": betas, "alphas": alphas, "alpha_bars": ab, "beta_tilde": (1 - abp) / (1 - ab) * betas,
-             "coef_x0": abp.sqrt() * betas / (1 - ab), "coef_xt": alphas.sqrt() * (1 - abp) / (1 - ab)}
-    return {k: v.float().to(device) for k, v in sched.items()}
+def cfg_loss(eps_model, x0, y, i, eps, drop, sched, null_class=N_CLASSES):
+    """|| eps - eps_theta(x_t, t, y') ||^2 averaged over the batch, y' = the null class where `drop` (label dropout:
+    one network learns the conditional and the unconditional eps, which guidance combines)."""
+    y = torch.where(drop, torch.full_like(y, null_class), y)
+    return F.mse_loss(eps_model(q_sample(x0, i, eps, sched), i, y).float(), eps)
 
 
-def q_sample(x0, t, eps, sched):
-    ab = sched["alpha_bars"][t].view(-1, 1, 1, 1)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-
-
-# ----------------------------------------------------------------------------- training
 def ema_update(ema, model, n, decay):
     """theta_ema <- d theta_ema + (1 - d) theta, d = min(decay, (1 + n) / (10 + n)); returns d."""
     d = min(decay, (1 + n) / (10 + n))
@@ -196,23 +188,170 @@ def ema_update(ema, model, n, decay):
     return d
 
 
-def step_randomness(args, epoch, i, device):
-    """t, eps and the label-dropout mask for the WHOLE global batch i of `epoch`, the same on every rank and for every
-    world size; each rank keeps positions rank::world, the ones DistributedSampler gave it."""
-    gen = torch.Generator(device=device).manual_seed((args.seed * 1_000_003 + epoch) * 1_000_003 + i)
+@torch.no_grad()
+def sample(eps_model, sched, y, w, size, gen, record_every=0, on_step=None):
+    """Guided ancestral sampling (module docstring), one image per label of y, on y's device; gen: a CPU generator.
+    Returns x_0 on the CPU and x_t every `record_every` steps (with x_T); on_step(k, T) after step k of T."""
+    x = torch.randn((len(y), 1, size, size), generator=gen).to(y.device)
+    traj, null = [x.cpu()] if record_every else [], torch.full_like(y, eps_model.null_class)
+    for i in reversed(range(sched.T)):
+        idx = torch.full_like(y, i)
+        eps_c, eps_u = eps_model(torch.cat([x, x]), torch.cat([idx, idx]), torch.cat([y, null])).float().chunk(2)
+        eps_hat = eps_u + w * (eps_c - eps_u)
+        ab, ab_prev = sched.alpha_bar[i], sched.alpha_bar_prev[i]
+        x0_hat = ((x - (1 - ab).sqrt() * eps_hat) / ab.sqrt()).clamp(-1, 1)
+        x = ab_prev.sqrt() * sched.beta[i] / (1 - ab) * x0_hat + sched.alpha[i].sqrt() * (1 - ab_prev) / (1 - ab) * x
+        if i > 0:  # no noise at t = 1
+            x = x + sched.beta_tilde[i].sqrt() * torch.randn(x.shape, generator=gen).to(y.device)
+        if record_every and i % record_every == 0:
+            traj.append(x.cpu())
+        if on_step:
+            on_step(sched.T - i, sched.T)
+    return x.clamp(-1, 1).cpu(), traj
+# ==== end of core ====
+
+
+# ----------------------------------------------------------------------------- data: EMNIST balanced
+# index -> character, as in the official emnist-balanced-mapping.txt. Upper- and lower-case letters that look alike
+# (c i j k l m o p s u v w x y z) are merged into the capital, hence 47 classes and not 62.
+CLASSES = list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ") + list("abdefghnqrt")
+
+
+def char_to_class(c):
+    """A character -> its class; a lower-case letter merged into its capital (k -> K) maps there."""
+    if c in CLASSES:
+        return CLASSES.index(c)
+    if c.upper() in CLASSES and c.lower() not in CLASSES:
+        return CLASSES.index(c.upper())
+    raise common.UsageError(f"--chars: {c!r} is not an EMNIST balanced character ({''.join(CLASSES)})")
+
+
+def load_data(args):
+    """The training split in [-1, 1], 1 x 28 x 28 (resized per batch on the device, not here: a resized copy of the
+    whole split would take gigabytes per rank at 128 px)."""
+    x, y, _, _ = common.load_image_dataset(args.dataset, args.data_root, train=True, val_size=0)
+    if len(x) < args.batch_size:
+        raise common.UsageError(f"--batch-size {args.batch_size} exceeds the {len(x)} training images")
+    return x, y
+
+
+# ----------------------------------------------------------------------------- the processes
+class DistInfo:
+    """Where this process sits in a torchrun launch (one machine or several, under Slurm or not), from the environment
+    torchrun sets; without it, rank 0 of 1. `tag` starts each error line of a multi-process run (which rank failed)."""
+
+    def __init__(self, env=os.environ):
+        self.rank, self.local_rank = int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
+        self.world, self.restarts = int(env.get("WORLD_SIZE", 1)), int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
+        self.max_restarts, self.device, self.stepping = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)), None, False
+        self.tag = f"rank {self.rank}: " if self.world > 1 else ""
+
+    def start(self, backend):
+        """The process group; a gloo group on the CPU for the TrainLoop's reduce; a client of the group's key-value
+        store (torchrun's agent's, or rank 0's under TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) for the roll-call."""
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        self.group = dist.new_group(backend="gloo")
+        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=datetime.timedelta(seconds=30))
+        if self.rank == 0 and self.max_restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            print("emnist_ddp.py: warning: torchrun --max-restarts with its store shared: a restarted group can read "
+                  "the last one's addresses (torch issue 135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                  file=sys.stderr)
+
+    def reduce(self, v):
+        """The mean over the processes of a CPU tensor (TrainLoop's `reduce`, from the first step on), through the gloo
+        group: with nccl, the stop flags of every step would wait for the GPU."""
+        self.stepping, v = True, v.clone()
+        dist.all_reduce(v, group=self.group)
+        return v / self.world
+
+    def on_signal(self, signum, frame):
+        """SIGINT or SIGTERM in training: in the loop it asks for a stop after the step, which the loop's reduce makes
+        every rank agree on; after the first step, outside the loop (an error unwinding, the roll-call), it is ignored:
+        torchrun SIGTERMs every worker when one dies, and that is no interruption."""
+        if common.TrainLoop.active:
+            common.TrainLoop.active.signal = common.TrainLoop.active.signal or signal.Signals(signum).name
+        elif not self.stepping:
+            raise common.Interrupted(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def watch(self):
+        """How training with several ranks ends (docs/emnist_ddp.md, "When a worker dies"): normally at a barrier; at a
+        stop the ranks agreed on, rank 0 records it while the others wait until it has left (else torchrun would stop
+        it first); after any other error, a roll-call: a rank that does not answer has left, and the run failed."""
+        handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+            dist.barrier()
+            dist.destroy_process_group()  # rank 0 samples and scores alone: no collective can time out
+        except (common.RunError, KeyboardInterrupt) as e:  # a NaN loss, Ctrl-C, SIGTERM: rank 0 records and says why
+            if self.rank:
+                with contextlib.suppress(Exception):
+                    dist.barrier()  # rank 0 never joins: this breaks when it has left
+                sys.exit(1 if isinstance(e, common.RunError) else 128 + signal.Signals[str(e) or "SIGINT"])
+            raise
+        except Exception:  # say, a collective that failed because a peer died
+            dist.destroy_process_group()  # closes this rank's connections, which frees the peers waiting on it
+            gone = self.roll_call()
+            if gone and self.rank:
+                sys.exit(1)  # rank 0 says it (and if rank 0 is gone, torchrun's summary does)
+            if gone:
+                last = common.Run.active.path("checkpoints/latest.pt")
+                raise common.RunError(f"rank {', '.join(map(str, gone))} left the run at step "
+                                      f"{common.Run.active.status['step'] + 1} (no answer to a roll-call within 5 s: "
+                                      f"killed, crashed, or its node is down); " + (
+                                          f"{last} continues it (torchrun --max-restarts, or --resume)"
+                                          if os.path.isfile(last) else "no checkpoint was written yet")) from None
+            raise  # every rank answered: the error is this rank's own
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+
+    def roll_call(self, wait=5.0):
+        """The ranks that do not answer within `wait` seconds: each rank that gets here says so in the store. If the
+        store has gone, it was rank 0's, and rank 0 has gone with it."""
+        try:
+            self.store.set(f"{SCRIPT}/here/{self.rank}", "1")
+            gone, t0 = set(range(self.world)), time.time()
+            while gone and time.time() - t0 < wait:
+                gone -= {r for r in gone if self.store.check([f"{SCRIPT}/here/{r}"])}
+                time.sleep(0.1)
+            return sorted(gone)
+        except Exception:
+            return [0]
+
+
+def global_batch_noise(gen, args, dd):
+    """i, eps and the label-dropout mask for the WHOLE global batch, from the loop's generator (the same stream on
+    every rank, saved in the checkpoint); this rank keeps positions rank::world, the ones DistributedSampler gave its
+    share of the batch. So any world size computes the 1-process batch."""
     B, S = args.batch_size, args.image_size
-    t = torch.randint(0, args.T, (B,), generator=gen, device=device)
-    eps = torch.randn((B, 1, S, S), generator=gen, device=device)
-    drop = torch.rand(B, generator=gen, device=device) < args.p_uncond
-    return t[RANK::WORLD], eps[RANK::WORLD], drop[RANK::WORLD]
+    i, eps = torch.randint(0, args.T, (B,), generator=gen), torch.randn((B, 1, S, S), generator=gen)
+    drop = torch.rand(B, generator=gen) < args.p_uncond
+    return [v[dd.rank::dd.world] for v in (i, eps, drop)]
+
+
+# ----------------------------------------------------------------------------- training
+def window_row(loop, model, ema, opt, args, device, grad_norms, t0, steps):
+    """The metrics of the window that ends now (an epoch, unless --eval-every is shorter) for loop.evaluate, which keeps
+    them in its history and checkpoint; `table` adds the statistics of the window's losses."""
+    secs, done = time.time() - t0, loop.s["step"] + 1
+    flat = nn.utils.parameters_to_vector
+    div, n = float((flat(model.parameters()) - flat(ema.parameters())).detach().norm()), len(grad_norms)
+    return {"epoch": done // steps if done % steps == 0 else round(done / steps, 3), "lr": opt.param_groups[0]["lr"],
+            "grad_norm": float(torch.stack(grad_norms).mean()), "samples_per_s": n * args.batch_size / secs,
+            "batches_per_s": n / secs, **memory_mb(device), "ema_divergence": div, "epoch_s": secs,
+            "wall_s": (loop.history.get("wall_s") or [0.0])[-1] + secs}  # training time, summed over invocations
 
 
 def memory_mb(device):
+    """This rank's memory: CUDA allocated, reserved and peak (then reset: a peak per row), or the resident set size."""
     if device.type == "cuda":
-        return {"cuda_allocated_mb": torch.cuda.memory_allocated(device) / 2**20,
-                "cuda_reserved_mb": torch.cuda.memory_reserved(device) / 2**20,
-                "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
-    try:  # resident set size now (Linux); elsewhere the peak from getrusage
+        out = {f"cuda_{k}_mb": f(device) / 2**20 for k, f in (("allocated", torch.cuda.memory_allocated),
+               ("reserved", torch.cuda.memory_reserved), ("peak", torch.cuda.max_memory_allocated))}
+        torch.cuda.reset_peak_memory_stats(device)
+        return out
+    try:  # the resident set size now (Linux); elsewhere the peak from getrusage
         with open("/proc/self/statm") as f:
             return {"rss_mb": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20}
     except OSError:
@@ -220,9 +359,27 @@ def memory_mb(device):
         return {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
 
 
-def barrier(device):
-    if dist.is_initialized():
-        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
+def table(history, losses):
+    """metrics.csv's rows from the TrainLoop's history (a row per window: per epoch by default), each with the
+    statistics of its steps' losses (global-batch means, which the TrainLoop keeps in the checkpoint)."""
+    out, first = [], 0
+    for r in [dict(zip(history, v)) for v in zip(*history.values())]:
+        ls, _ = np.array(losses[first:r["step"]]), r.pop("train")  # "train" is the window's mean: loss_mean
+        out.append({"epoch": r.pop("epoch"), "step": r["step"], "loss_mean": float(ls.mean()),
+                    "loss_std": float(ls.std()), "loss_min": float(ls.min()), "loss_max": float(ls.max()),
+                    "loss_median": float(np.median(ls)), **r})
+        first = r["step"]
+    return out
+
+
+def write_metrics(run, args, dd, rows):
+    """metrics.csv (a row per window), metrics_snapshot.json (config, world size, rows) and the last row in
+    metrics.json; each file written whole, then renamed: a reader never sees half a file."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    run._write(run.path("metrics.csv"), "\n".join([",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys)
+                                                                        for r in rows]) + "\n")
+    run._write(run.path("metrics_snapshot.json"), {"config": vars(args), "world_size": dd.world, "epochs": rows})
+    run.log(last_epoch=rows[-1], world_size=dd.world, restarts=dd.restarts)
 
 
 def checkpoint_name(args, epoch):
@@ -230,185 +387,91 @@ def checkpoint_name(args, epoch):
     return f"{args.dataset}_{args.preset}_{args.image_size}px_c{c}_T{args.T}_b{args.batch_size}_epoch{epoch:03d}.pt"
 
 
-def train(args, data, device, run, resume):
-    """Every rank runs this; rank 0 (run is not None) writes. Returns the EMA model and the per-epoch history."""
-    torch.manual_seed(args.seed)  # identical initial weights everywhere (DDP also broadcasts rank 0's at wrap time)
-    model = UNet(args.channels).to(device)
-    ema = UNet(args.channels).to(device)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
+def train(args, x, y, model, ema, device, dd, run, resume):
+    """Every rank runs this on its share of each global batch; rank 0 (the one with a run) writes. Adam with an optional
+    linear warm-up, the global gradient norm clipped, the EMA on the unwrapped module. checkpoints/latest.pt and the
+    metrics are written every --eval-every steps and at each epoch's end, which also gets a named copy."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps)
-                                                 if args.warmup_steps else 1.0)
-    start, step, history, wall_before = 0, 0, [], 0.0
-    if resume:
-        model.load_state_dict(resume["model"])
-        ema.load_state_dict(resume["ema"])
-        opt.load_state_dict(resume["optimizer"])
-        sched_lr.load_state_dict(resume["scheduler"])
-        start, step, history, wall_before = resume["epoch"], resume["step"], resume["history"], resume["wall_s"]
-        torch.set_rng_state(resume["rng"]["torch"])
-        if device.type == "cuda" and resume["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if DISTRIBUTED else model
-    ds = TensorDataset(*data)
-    sampler = DistributedSampler(ds, num_replicas=WORLD, rank=RANK, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(ds, batch_size=args.batch_size // WORLD, sampler=sampler, drop_last=True,
-                        pin_memory=device.type == "cuda")
-    sched = make_schedule(args.T, device)
-    n_steps = len(loader)
-    bar = common.progress_bar(total=max(0, args.epochs - start) * n_steps, desc="train", disable=RANK != 0)
-    for epoch in range(start, args.epochs):
-        sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on all ranks
-        model.train()
-        losses, gnorms, t0 = [], [], time.time()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for i, (xb, yb) in enumerate(loader):
-            t, eps, drop = step_randomness(args, epoch, i, device)
-            x0 = resize(xb.to(device, non_blocking=True), args.image_size)
-            y = torch.where(drop, torch.full_like(t, model.null_class), yb.to(device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
-                pred = net(q_sample(x0, t, eps, sched), t, y)
-            loss = F.mse_loss(pred.float(), eps)  # the mean over this rank's batch/W; DDP averages the gradients
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorms.append(nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).detach())
-            opt.step()
-            sched_lr.step()
-            ema_update(ema, model, step, args.ema_decay)
-            losses.append(loss.detach())
-            step += 1
-            bar.update()
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps or 1)))
+    sched, steps, grad_norms, t0 = Schedule(cosine_beta(args.T), device), len(x) // args.batch_size, [], time.time()
+    state = {"model": model, "ema": ema, "optimizer": opt, "warmup": warmup}
+    loop = common.TrainLoop(run, args.epochs * steps, args.eval_every or steps, state, args.seed, vars(args),
+                            run and run.path("checkpoints/latest.pt"), "model", resume, args.max_minutes,
+                            reduce=dd.reduce if dd.world > 1 else None)
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dd.world > 1 else model
+    sampler = DistributedSampler(range(len(x)), dd.world, dd.rank, shuffle=True, seed=args.seed, drop_last=True)
+    for step in loop:
+        epoch, k = divmod(step, steps)
+        if k == 0 or step == loop.start:  # this rank's share of the epoch's shuffle (set_epoch: a new one each epoch)
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(sampler))[:steps * (args.batch_size // dd.world)].view(steps, -1)
+        i, eps, drop = (v.to(device) for v in global_batch_noise(loop.gen, args, dd))
+        x0, y0 = resize(x[order[k]].to(device), args.image_size), y[order[k]].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
+            loss = cfg_loss(net, x0, y0, i, eps, drop, sched)  # this rank's mean; DDP averages the gradients
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norms.append(nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf).detach())
+        opt.step()
+        warmup.step()
+        ema_update(ema, model, step, args.ema_decay)
+        loop.every = 1 if k + 1 == steps else args.eval_every or steps  # a window also closes at each epoch's end
+        if loop.record(loss):
+            loop.evaluate(**window_row(loop, model, ema, opt, args, device, grad_norms, t0, steps))
+            grad_norms, t0 = [], time.time()
             if run:
-                run.progress("train", (epoch - start) * n_steps + i + 1, (args.epochs - start) * n_steps)
-        losses = torch.stack(losses).float()
-        if dist.is_initialized():  # the global-batch loss of each step: the mean of the ranks' equal-sized shards
-            dist.all_reduce(losses)
-            losses /= WORLD
-        if not torch.isfinite(losses).all():  # checked once an epoch: a per-step check would sync every step
-            bad = step - len(losses) + int((~torch.isfinite(losses)).nonzero()[0]) + 1
-            kept = f"the last good checkpoint (epoch {epoch}) is kept" if epoch else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {epoch + 1}); {kept}")
-        secs = time.time() - t0
-        if run:
-            ls = losses.cpu().numpy()
-            with torch.no_grad():
-                div = math.sqrt(sum(float((p - pe).float().square().sum()) for p, pe in zip(model.parameters(),
-                                                                                           ema.parameters())))
-            row = {"epoch": epoch + 1, "step": step, "loss_mean": float(ls.mean()), "loss_std": float(ls.std()),
-                   "loss_min": float(ls.min()), "loss_max": float(ls.max()), "loss_median": float(np.median(ls)),
-                   "lr": opt.param_groups[0]["lr"], "grad_norm": float(torch.stack(gnorms).mean()),
-                   "samples_per_s": n_steps * args.batch_size / secs, "batches_per_s": n_steps / secs,
-                   **memory_mb(device), "ema_divergence": div, "epoch_s": secs,
-                   "wall_s": wall_before + time.time() - run.t0}
-            history.append(row)
-            write_metrics(run, args, history)
-            ckpt = {"script": SCRIPT, "kind": "model", "config": {**vars(args), "channels": list(args.channels)},
-                    "epoch": epoch + 1, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched_lr.state_dict(), "history": history,
-                    "wall_s": row["wall_s"], "rng": {"torch": torch.get_rng_state(),
-                                                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-            path = os.path.join(run.dir, "checkpoints", checkpoint_name(args, epoch + 1))
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(ckpt, path + ".tmp")
-            os.replace(path + ".tmp", path)  # a reader (or a resume after a crash) never sees half a file
-            bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss_mean']:.4f}")
-        barrier(device)  # nobody runs ahead of rank 0's checkpoint
-    bar.close()
-    return ema.eval(), history
+                publish(run, args, dd, loop, epoch + 1 if k + 1 == steps else 0)
+    return loop
 
 
-class NonFiniteLoss(RuntimeError):
-    """A NaN or inf training loss: the run stops with the step, keeping the last good checkpoint."""
-
-
-def write_metrics(run, args, history):
-    """metrics.csv (a row per epoch), metrics_snapshot.json (config + rows) and the last row in metrics.json."""
-    keys = list(dict.fromkeys(k for r in history for k in r))
-    with open(run.path("metrics.csv") + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-    os.replace(run.path("metrics.csv") + ".tmp", run.path("metrics.csv"))
-    common._write_json(run.path("metrics_snapshot.json"), {"config": vars(args), "world_size": WORLD, "epochs": history})
-    run.log(last_epoch=history[-1], world_size=WORLD)
+def publish(run, args, dd, loop, epoch):
+    """After each checkpoint: the metrics files; at the end of `epoch` (0: not an epoch's end) its named copy."""
+    write_metrics(run, args, dd, table(loop.history, loop.s["losses"]))
+    if epoch:
+        shutil.copyfile(loop.path, f"{loop.path}.tmp")  # then rename: never half a file
+        os.replace(f"{loop.path}.tmp", run.path(f"checkpoints/{checkpoint_name(args, epoch)}"))
 
 
 # ----------------------------------------------------------------------------- sampling
-@torch.no_grad()
-def sample(model, sched, y, w, size, gen, record_every=0, on_step=None):
-    """Guided ancestral sampling (see the docstring); returns x_0 and x_t every `record_every` steps (with x_T).
-    on_step(k, T) after step k of T (progress reports)."""
-    x = torch.randn((len(y), 1, size, size), generator=gen).to(y.device)
-    traj = [x.cpu()] if record_every else []
-    null = torch.full_like(y, model.null_class)
-    for i in reversed(range(len(sched["betas"]))):  # i = t - 1
-        t = torch.full_like(y, i)
-        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
-        eps = eps_u + w * (eps_c - eps_u)
-        x0_hat = ((x - (1 - sched["alpha_bars"][i]).sqrt() * eps) / sched["alpha_bars"][i].sqrt()).clamp(-1, 1)
-        x = sched["coef_x0"][i] * x0_hat + sched["coef_xt"][i] * x
-        if i > 0:
-            x = x + sched["beta_tilde"][i].sqrt() * torch.randn(x.shape, generator=gen).to(y.device)
-        if record_every and (i % record_every == 0):
-            traj.append(x.cpu())
-        if on_step:
-            on_step(len(sched["betas"]) - i, len(sched["betas"]))
-    return x.clamp(-1, 1).cpu(), traj
-
-
-def generate(model, sched, labels, args, device, run, phase):
+def generate(eps_model, sched, labels, args, device, run, phase):
     gen, out = torch.Generator().manual_seed(args.seed + 1), []
     n_batches = math.ceil(len(labels) / args.sample_batch)
     for b, yb in enumerate(labels.split(args.sample_batch)):
         run.progress(phase, b, n_batches, force=True)
-        out.append(sample(model, sched, yb.to(device), args.w, args.image_size, gen,
+        out.append(sample(eps_model, sched, yb.to(device), args.w, args.image_size, gen,
                           on_step=lambda k, T, b=b: run.progress(phase, b * T + k, n_batches * T))[0])
     return torch.cat(out)
 
 
-def progression(model, sched, args, device, run):
-    """Denoising of one character every k steps: PNG frames and an animated GIF."""
-    import matplotlib.pyplot as plt
-    from matplotlib.animation import FuncAnimation, PillowWriter
+def progression(eps_model, sched, args, device, run):
+    """The denoising of one character, x_t every k steps: progression.png, progression/frame_NNN.png and a GIF."""
+    from PIL import Image
     k = args.frame_every or max(1, args.T // 20)
     y = torch.tensor([char_to_class(args.progress_char)], device=device)
-    _, traj = sample(model, sched, y, args.w, args.image_size, torch.Generator().manual_seed(args.seed), record_every=k)
-    frames = [((f[0, 0].numpy() + 1) / 2).clip(0, 1) for f in traj]
-    folder = run.path("progression")
-    os.makedirs(folder, exist_ok=True)
-    for n, fr in enumerate(frames):
-        plt.imsave(os.path.join(folder, f"frame_{n:03d}.png"), fr, cmap="gray", vmin=0, vmax=1)
-    fig, ax = plt.subplots(figsize=(2.5, 2.5))
-    im = ax.imshow(frames[0], cmap="gray", vmin=0, vmax=1)
-    ax.axis("off")
-    steps = [args.T] + [i for i in reversed(range(args.T)) if i % k == 0]
-
-    def draw(n):
-        im.set_data(frames[n])
-        ax.set_title(f"'{args.progress_char}', t = {steps[n]}")
-        return [im]
-
-    anim = FuncAnimation(fig, draw, frames=len(frames))
-    anim.save(run.path("progression.gif"), writer=PillowWriter(fps=8))
-    plt.close(fig)
+    _, traj = sample(eps_model, sched, y, args.w, args.image_size, torch.Generator().manual_seed(args.seed),
+                     record_every=k)
+    frames = [Image.fromarray(((f[0, 0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)) for f in traj]
+    os.makedirs(run.path("progression"), exist_ok=True)
+    for n, frame in enumerate(frames):
+        frame.save(run.path(os.path.join("progression", f"frame_{n:03d}.png")))
+    big = [frame.resize((128, 128), Image.NEAREST) for frame in frames]
+    big[0].save(run.path("progression.gif"), save_all=True, append_images=big[1:], duration=125, loop=0)
     common.image_grid(run.path("progression.png"), torch.cat(traj), nrow=len(traj),
-                      title=f"denoising '{args.progress_char}', every {k} steps")
+                      title=f"denoising '{args.progress_char}': x_t for t = {args.T}, then every {k} steps")
 
 
 # ----------------------------------------------------------------------------- evaluation: plots, report
-def plot_panels(path, panels, ncols=1):
+def plot_panels(path, epochs, panels, ncols=1):
     """panels: [(title, {label: ys}, opts)] against the epoch; opts: log=True, band=(lo, hi), ylabel."""
     import matplotlib.pyplot as plt
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
     for ax, (title, series, opts) in zip(axes.flat, panels):
         for label, ys in series.items():
-            ax.plot(np.arange(1, len(ys) + 1), ys, "o-", ms=3, label=label)
+            ax.plot(epochs, ys, "o-", ms=3, label=label)
         if "band" in opts:
-            ax.fill_between(np.arange(1, len(opts["band"][0]) + 1), *opts["band"], alpha=0.25, label="+- 1 sigma")
-        ax.set(title=title, xlabel="epoch", ylabel=opts.get("ylabel", ""), yscale="log" if opts.get("log") else "linear")
+            ax.fill_between(epochs, *opts["band"], alpha=0.25, label="+- 1 sigma")
+        ax.set(title=title, xlabel="epoch", ylabel=opts.get("ylabel", ""), yscale="log" if "log" in opts else "linear")
         ax.grid(alpha=0.3)
         if len(series) > 1 or "band" in opts:
             ax.legend(fontsize=7)
@@ -417,67 +480,60 @@ def plot_panels(path, panels, ncols=1):
     common.save_fig(fig, path)
 
 
-def training_plots(run, history):
-    """One PNG per panel and a 3 x 3 dashboard; returns the file names."""
-    col = {k: np.array([r.get(k, np.nan) for r in history], dtype=float) for k in history[-1]}
+def training_plots(run, rows):
+    """One PNG per panel, and a 3 x 3 dashboard of the first nine."""
+    col = {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in rows[-1]}
     m, s = col["loss_mean"], col["loss_std"]
-    mem = {k: v for k, v in col.items() if k.endswith("_mb")}
     panels = {
-        "loss": ("loss (linear)", {"mean": m, "median": col["loss_median"], "min": col["loss_min"], "max": col["loss_max"]}, {}),
+        "loss": ("loss (linear)", {k[5:]: col[k] for k in ("loss_mean", "loss_median", "loss_min", "loss_max")}, {}),
         "loss_log": ("loss (log)", {"mean": m}, {"log": True}),
         "loss_band": ("loss mean +- 1 sigma over steps", {"mean": m}, {"band": (m - s, m + s)}),
-        "grad_norm": ("gradient L2 norm (epoch mean)", {"grad norm": col["grad_norm"]}, {}),
+        "grad_norm": ("gradient L2 norm (mean)", {"grad norm": col["grad_norm"]}, {}),
         "ema_divergence": ("||theta - theta_ema||_2", {"divergence": col["ema_divergence"]}, {}),
-        "memory": ("memory (MB)", mem, {"ylabel": "MB"}),
-        "throughput": ("throughput", {"samples/s": col["samples_per_s"], "batches/s": col["batches_per_s"]}, {"log": True}),
-        "lr": ("learning rate (end of epoch)", {"lr": col["lr"]}, {}),
-        "epoch_time": ("epoch time (s)", {"epoch": col["epoch_s"]}, {"ylabel": "s"}),
-        "loss_derivative": ("d loss / d epoch", {"derivative": np.gradient(m) if len(m) > 1 else 0 * m}, {}),
+        "memory": ("memory (MB)", {k: v for k, v in col.items() if k.endswith("_mb")}, {"ylabel": "MB"}),
+        "throughput": ("throughput", {"samples/s": col["samples_per_s"], "batches/s": col["batches_per_s"]},
+                       {"log": True}),
+        "lr": ("learning rate (at the row's end)", {"lr": col["lr"]}, {}),
+        "epoch_time": ("time per row (s)", {"seconds": col["epoch_s"]}, {"ylabel": "s"}),
+        "loss_derivative": ("d loss / d epoch", {"derivative": np.gradient(m, col["epoch"]) if len(m) > 1 else 0 * m},
+                            {}),
     }
     for name, panel in panels.items():
-        plot_panels(run.path(f"{name}.png"), [panel])
-    dash = ["loss", "loss_log", "loss_band", "grad_norm", "ema_divergence", "memory", "throughput", "lr", "epoch_time"]
-    plot_panels(run.path("dashboard.png"), [panels[k] for k in dash], ncols=3)
-    return [f"{n}.png" for n in panels] + ["dashboard.png"]
+        plot_panels(run.path(f"{name}.png"), col["epoch"], [panel])
+    plot_panels(run.path("dashboard.png"), col["epoch"], list(panels.values())[:9], ncols=3)
 
 
-def write_report(run, args, history, figures, scores):
+def write_report(run, args, world, rows, scores):
     """report.md: a model card (config, final figures, links to the plots)."""
-    last = history[-1] if history else {}
     lines = [f"# {SCRIPT}: class-conditional EMNIST-balanced DDPM (run {run.run_id})", "",
-             "Class-conditional DDPM (Ho et al. 2020), cosine schedule (Nichol & Dhariwal 2021), classifier-free guidance "
-             "(Ho & Salimans 2022); trained with DistributedDataParallel.", "", "## Configuration", "",
+             "Class-conditional DDPM (Ho et al. 2020), cosine schedule (Nichol & Dhariwal 2021), classifier-free "
+             "guidance (Ho & Salimans 2022); trained with DistributedDataParallel.", "", "## Configuration", "",
              "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in {**vars(args), "world_size": WORLD}.items()]
+    lines += [f"| {k} | {v} |" for k, v in {**vars(args), "world_size": world}.items()]
     lines += ["", "## Final figures", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in {**last, **scores}.items()]
-    lines += ["", "## Plots", ""] + [f"- [{f}]({f})" for f in figures]
-    lines += ["", "Intended use: a reference implementation. Samples are synthetic handwriting; the judge scores are on "
-              "28 x 28 and on the data root used (the offline stand-in is a reduced EMNIST; do not compare with the full split)."]
+    lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
+              for k, v in {**(rows[-1] if rows else {}), **scores}.items()]
+    lines += ["", "## Plots", ""] + [f"- [{f}]({f})" for f in sorted(os.listdir(run.dir)) if f[-4:] in (".png", ".gif")]
+    lines += ["", "Intended use: a reference implementation. Samples are synthetic handwriting; the judge scores are "
+              "on 28 x 28 and on the data root used (a reduced EMNIST gives figures not comparable with the full one)."]
     with open(run.path("report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def evaluate_run(ema, args, device, run, history):
-    figures = training_plots(run, history) if history else []
-    scores = {}
+def evaluate_run(ema, args, device, run, rows, dd):
+    """The curves, the grids, the denoising frames, N samples scored by the judge, and the report (rank 0)."""
+    scores, sched = {}, Schedule(cosine_beta(args.T), device)
+    if rows:
+        write_metrics(run, args, dd, rows)
+        training_plots(run, rows)
+    for name, chars in () if args.no_sample else (("class_grid", CLASSES), ("chars", args.chars)):
+        if chars:  # a row per character
+            labels = torch.tensor([char_to_class(c) for c in chars]).repeat_interleave(args.grid_per_class)
+            common.image_grid(run.path(f"{name}.png"), generate(ema, sched, labels, args, device, run, name),
+                              nrow=args.grid_per_class, title=f"w = {args.w:g}", row_labels=list(chars))
     if not args.no_sample:
-        sched = make_schedule(args.T, device)
-        grid_labels = torch.arange(len(CLASSES)).repeat_interleave(args.grid_per_class)
-        grid = generate(ema, sched, grid_labels, args, device, run, "grid")
-        common.image_grid(run.path("class_grid.png"), grid, nrow=args.grid_per_class, title=f"w = {args.w:g}",
-                          row_labels=CLASSES)
-        figures.append("class_grid.png")
-        if args.chars:
-            labels = torch.tensor([char_to_class(c) for c in args.chars]).repeat_interleave(args.grid_per_class)
-            xs = generate(ema, sched, labels, args, device, run, "chars")
-            common.image_grid(run.path("chars.png"), xs, nrow=args.grid_per_class, title=f"{args.chars!r}, w = {args.w:g}",
-                              row_labels=list(args.chars))
-            figures.append("chars.png")
         progression(ema, sched, args, device, run)
-        figures += ["progression.png", "progression.gif"]
-        labels = torch.arange(len(CLASSES)).repeat(args.n_per_class)
-        t0 = time.time()
+        labels, t0 = torch.arange(args.n_samples) % len(CLASSES), time.time()  # balanced over the 47 classes
         samples = generate(ema, sched, labels, args, device, run, "sample")
         scores = {"n_samples": len(samples), "sample_s": round(time.time() - t0, 1), "w": args.w}
         torch.save(samples, run.path("samples.pt"))
@@ -488,116 +544,124 @@ def evaluate_run(ema, args, device, run, history):
                                out_root=args.out, device=device, judge_epochs=args.judge_epochs)
             scores.update(eval=s, accuracy_gap_to_real=s["judge_test_accuracy"] - s["class_accuracy"])
         run.log(**scores)
-    write_report(run, args, history, figures, scores)
+    write_report(run, args, dd.world, rows, scores)
 
 
 # ----------------------------------------------------------------------------- main
-channels_arg = common.int_list(least=2)  # U-Net widths, one per resolution level
+SAMPLING = ("w", "n_samples", "grid_per_class", "sample_batch", "chars", "progress_char", "frame_every", "no_sample",
+            "no_eval", "judge_epochs", "data_root", "backend")  # flags a resumed or sampled checkpoint may change
 
 
 def build_parser():
-    p = common.make_parser(__doc__)
-    p.add_argument("--preset", choices=list(PRESETS), default="small", help="flag defaults (image size, channels, "
-                   "global batch); --quick means tiny")
+    num = common.num
+    p = common.make_parser(__doc__, PRESETS)
     p.add_argument("--dataset", default="emnist-balanced", choices=["emnist-balanced"], help="training data")
     p.add_argument("--data-root", default="./data", help="torchvision data root (holds EMNIST/raw)")
-    p.add_argument("--image-size", type=common.positive_int, help="training resolution (must be divisible by "
-                   "2^(levels-1))")
-    p.add_argument("--channels", type=channels_arg, help="U-Net widths per level, e.g. 64,128,256")
-    p.add_argument("--batch-size", type=common.positive_int, help="GLOBAL batch; each of W ranks takes batch/W")
-    p.add_argument("--T", type=common.positive_int, help="diffusion steps")
-    p.add_argument("--epochs", type=common.positive_int, help="total training epochs (also when resuming)")
-    p.add_argument("--lr", type=common.positive_float, help="Adam learning rate")
-    p.add_argument("--warmup-steps", type=common.nonneg_int, default=0, help="linear learning-rate warm-up steps (0: none)")
-    p.add_argument("--grad-clip", type=common.nonneg_float, default=1.0, help="clip the global gradient norm (0: off)")
-    p.add_argument("--p-uncond", type=common.nonneg_float, default=0.1, help="label dropout to the null class")
-    p.add_argument("--ema-decay", type=common.decay, default=0.999, help="EMA decay after the warm-up")
+    p.add_argument("--image-size", type=num(int, 4, 1024), help="training resolution (divisible by 2^(levels-1))")
+    p.add_argument("--channels", type=common.num_list(int, 1, 4096), help="U-Net widths, one per level (at least 2)")
+    p.add_argument("--batch-size", type=num(int, 1, 10**6), help="GLOBAL batch; each of W ranks takes batch/W")
+    p.add_argument("--T", type=num(int, 2, 100_000), help="diffusion steps")
+    p.add_argument("--epochs", type=num(int, 1, 10**6), help="total training epochs (also when resuming)")
+    p.add_argument("--lr", type=num(float, 0, None, open_lo=True), help="Adam learning rate")
+    p.add_argument("--warmup-steps", type=num(int, 0, 10**9), default=0, help="linear learning-rate warm-up (0: none)")
+    p.add_argument("--grad-clip", type=num(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
+    p.add_argument("--p-uncond", type=num(float, 0, 1), default=0.1, help="label dropout to the null class")
+    p.add_argument("--ema-decay", type=num(float, 0, 1), default=0.999, help="EMA decay after the warm-up")
+    p.add_argument("--eval-every", type=num(int, 1, 10**9), default=None, help="steps between checkpoints (and NaN "
+                   "checks) within an epoch; one is also written at each epoch's end (default: once an epoch)")
+    p.add_argument("--max-minutes", type=num(float, 0), default=0.0, help="training time budget (0: none)")
     p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto", help="torch.distributed backend "
                    "(auto: nccl on CUDA, gloo otherwise)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass on CUDA")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from (its architecture and data win)")
-    p.add_argument("--w", type=common.nonneg_float, default=2.0, help="guidance weight (0 uncond, 1 cond, >1 guided)")
-    p.add_argument("--n-per-class", type=common.positive_int, help="samples per class scored by the judge")
-    p.add_argument("--grid-per-class", type=common.positive_int, help="samples per class in the grids")
-    p.add_argument("--sample-batch", type=common.positive_int, help="images per sampling batch")
+    p.add_argument("--resume", default=None, help="checkpoints/latest.pt (or an epoch's copy): continue training it; "
+                   "auto: the --run-id run's latest.pt if there is one (what a group torchrun restarts does)")
+    p.add_argument("--checkpoint", default=None, help="a trained checkpoint to sample and score, without training")
+    p.add_argument("--w", type=num(float, 0), default=2.0, help="guidance weight (0 uncond, 1 cond, >1 guided)")
+    p.add_argument("--n-samples", type=num(int, 2, 10**6), help="samples scored by the judge, balanced over classes")
+    p.add_argument("--grid-per-class", type=num(int, 1, 1000), help="samples per class in the grids")
+    p.add_argument("--sample-batch", type=num(int, 1, 10**5), help="images per sampling batch")
     p.add_argument("--chars", default="", help='also draw these characters, e.g. "ABCk3" (k is merged into K)')
     p.add_argument("--progress-char", default="A", help="the character whose denoising is saved as frames and a GIF")
-    p.add_argument("--frame-every", type=common.positive_int, help="steps between progression frames (default T/20)")
+    p.add_argument("--frame-every", type=num(int, 1, 10**5), help="steps between progression frames (default T/20)")
     p.add_argument("--no-sample", action="store_true", help="train only: no grids, progression or scores")
     p.add_argument("--no-eval", action="store_true", help="sample but skip the judge's scores")
-    p.add_argument("--judge-epochs", type=common.positive_float, help="judge budget if not cached (default: full)")
+    p.add_argument("--judge-epochs", type=num(float, 0, 1000, open_lo=True), help="judge budget if not cached")
     return p
 
 
-def parse_args():
+def parse_args(argv=None, tag=""):
     p = build_parser()
-    if RANK != 0:  # every rank parses the same argv: let rank 0 alone say what is wrong
-        p.error = lambda message: p.exit(2)
-    first, _ = p.parse_known_args()
-    p.set_defaults(**PRESETS["tiny" if first.quick else first.preset])
-    args = p.parse_args()
-    args.preset = "tiny" if args.quick else args.preset
-    if isinstance(args.channels, str):
-        args.channels = channels_arg(args.channels)
+    if tag:  # every rank parses the same argv; whichever fails first must say so, and which rank it is
+        p.error = lambda message: p.exit(2, f"{p.prog}: error: {tag}{message} (see --help)\n")
+    args = common.parse(p, argv)
+    args.preset = "quick" if args.quick else args.preset
+    if args.resume and args.checkpoint:
+        p.error("--resume continues training, --checkpoint only samples: give one of them")
     return args
 
 
-def validate(args):
-    """Checks every rank can make alone (no communication), so all fail alike and nobody waits in a collective."""
-    if args.batch_size % WORLD:
-        raise common.UsageError(f"global --batch-size {args.batch_size} is not divisible by the world size {WORLD}")
+def prepare(dd):
+    """Flags, checkpoint, device and data, all checked before any process group forms or any file is written. Every
+    rank checks alike: all fail alike, and none waits in a collective for one that has left."""
+    args = parse_args(tag=dd.tag)
+    if not args.checkpoint and (args.resume == "auto" or dd.max_restarts) and not args.run_id:
+        raise common.UsageError("--resume auto and torchrun --max-restarts need --run-id: the run folder to continue")
+    if (args.resume == "auto" or dd.restarts) and not args.checkpoint:  # or torchrun restarted the group
+        latest = os.path.join(args.out, SCRIPT, args.run_id, "checkpoints", "latest.pt")
+        args.resume = latest if os.path.isfile(latest) else None
+    path = args.resume or args.checkpoint
+    ckpt = common.load_checkpoint(path, SCRIPT, "model") if path else None
+    if ckpt:  # the settings of the run that wrote it; one of the older format (no "loop") is sampled, not resumed
+        args = common.resumed(args, ckpt if args.resume else {"loop": None, **ckpt},
+                              may_change=("epochs", "max_minutes", "eval_every", "checkpoint", *SAMPLING))
+        args.channels, args.no_sample = tuple(args.channels), args.no_sample and not args.checkpoint
     levels = len(args.channels)
-    if args.image_size % 2 ** (levels - 1):
-        raise common.UsageError(f"--image-size {args.image_size} must be divisible by 2^{levels - 1} for {levels} levels")
-    if args.T < 2:
-        raise common.UsageError("--T must be at least 2")
+    if args.batch_size % dd.world:
+        raise common.UsageError(f"global --batch-size {args.batch_size} is not divisible by the world size {dd.world}")
+    if levels < 2 or args.image_size % 2 ** (levels - 1):
+        raise common.UsageError(f"--image-size {args.image_size} and --channels {args.channels}: need at least 2 "
+                                f"levels and a size divisible by 2^(levels - 1)")
     if len(args.progress_char) != 1:
         raise common.UsageError(f"--progress-char: one character, got {args.progress_char!r}")
     for c in args.chars + args.progress_char:
         char_to_class(c)
+    device = common.get_device(args.device)
+    dd.device = torch.device("cuda", dd.local_rank) if device.type == "cuda" else device  # one GPU per process
+    return args, ckpt, None if args.checkpoint and args.no_eval else load_data(args)
 
 
 def main():
-    args = parse_args()
-    resume = None
-    if args.resume:
-        resume = common.load_checkpoint(args.resume, SCRIPT, "model")
-        for k in RESUME_KEYS:
-            setattr(args, k, resume["config"][k])
-        args.channels = tuple(args.channels)
-    validate(args)
-    data = load_data(args)  # on every rank: missing data fails everywhere before any collective or any file
-    device = common.get_device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", LOCAL_RANK)
-        torch.cuda.set_device(device)
-    common.seed_everything(args.seed)
-    if DISTRIBUTED:
-        backend = args.backend if args.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    dd = DistInfo()  # RANK, LOCAL_RANK, WORLD_SIZE and torchrun's restart count, from the environment
     try:
-        run = common.Run(SCRIPT, args) if RANK == 0 else None
-        try:
-            ema, history = train(args, data, device, run, resume)
-        except Exception as e:
-            if run:
-                run.finish("failed", f"{type(e).__name__}: {e}")
-            raise
-        barrier(device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()  # the other ranks are done; rank 0 samples and scores alone
-    if RANK != 0:
-        return
-    evaluate_run(ema, args, device, run, history)
+        args, ckpt, data = prepare(dd)
+    except common.UsageError as e:  # whichever rank fails first prints its line before torchrun stops the others
+        raise common.UsageError(dd.tag + str(e)) from None
+    if args.checkpoint and dd.rank:
+        return  # sampling a checkpoint is rank 0's work
+    device = dd.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)  # identical initial weights everywhere (DDP also broadcasts rank 0's at wrap time)
+    model, ema = UNet(args.channels).to(device), UNet(args.channels).to(device)
+    ema.load_state_dict(ckpt["ema"] if args.checkpoint else model.state_dict())
+    ema.requires_grad_(False)
+    if dd.world > 1 and not args.checkpoint:
+        dd.start(args.backend if args.backend != "auto" else "nccl" if device.type == "cuda" else "gloo")
+    run = common.Run(SCRIPT, args) if dd.rank == 0 else None
+    if args.checkpoint:  # the rows of the run that wrote it (an older checkpoint holds them whole)
+        rows = table(ckpt["loop"]["history"], ckpt["loop"]["losses"]) if "loop" in ckpt else ckpt.get("history", [])
+    else:
+        if run:
+            os.makedirs(run.path("checkpoints"), exist_ok=True)
+        with dd.watch() if dd.world > 1 else contextlib.nullcontext():  # a rank that dies: told from a stop
+            loop = train(args, *data, model, ema, device, dd, run, ckpt)
+        if dd.rank:
+            return
+        rows = table(loop.history, loop.s["losses"])
+    evaluate_run(ema.eval(), args, device, run, rows, dd)
     run.finish()
     print(f"wrote {run.dir}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.UsageError, NonFiniteLoss) as e:  # bad input: 2; a NaN loss (status.json says failed): 1
-        if RANK == 0:
-            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, common.UsageError) else 1)
+    common.main(main)

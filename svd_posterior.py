@@ -14,8 +14,9 @@ near 1; only the centred matrix measures how the draws differ from each other, i
 that is the intrinsic dimension. The top left singular vectors of the centred X are the posterior's main modes of
 variation (figure modes_*.png).
 
-Draws are made in batches, each from its own seed, and saved after every batch: rerunning with the same --run-id
-resumes where it stopped. Writes snapshots_<tag>.pt (X, raw and centred singular values, the draws), svd_table.md,
+Draws are made in batches, each from its own seed, and saved after every batch with the settings they were drawn
+with (every flag the draws depend on): rerunning with the same --run-id resumes where it stopped, and a file of other
+settings is refused. Writes snapshots_<tag>.pt (X, raw and centred singular values, the draws), svd_table.md,
 svd_table.json, svd_spectrum.png, modes_<tag>.png and the usual config/metrics/status.json.
 
 Usage: python svd_posterior.py --checkpoint outputs/edm_mnist/RUN/checkpoint.pt [--n-samples 1024] [--observed 0.7,0.2]
@@ -28,38 +29,17 @@ import time
 import torch
 
 import common
-import edm_posterior as P
+import edm_posterior
 import evaluate
 
 SCRIPT = "svd_posterior"
-PRESETS = {"full": dict(n_samples=1024, steps=80, judge_epochs=None),
-           "quick": dict(n_samples=32, steps=8, judge_epochs=0.05)}
+PRESETS = {"full": dict(n_samples=1024, sample_steps=80, judge_epochs=None),
+           "quick": dict(n_samples=32, sample_steps=8, judge_epochs=0.05)}
 REFERENCE = {"obs70": {"k95": "1-3", "k99": None, "participation_ratio": "~1"},  # the reference analysis (raw X)
              "obs20": {"k95": 45, "k99": 152, "participation_ratio": 1.72}}
 
 
-# ----------------------------------------------------------------------------- sampling (batched, resumable)
-def ensemble(D, y, mask, args, seed, path, key, device, progress):
-    """args.n_samples draws; `path` keeps the finished batches so an interrupted run continues. Batch b has seed + b, the
-    same as one call of edm_posterior.draw with all of them, so a resumed ensemble equals an uninterrupted one."""
-    done = []
-    if os.path.isfile(path):
-        part = torch.load(path, weights_only=False)
-        if part.get("key") != key:
-            raise common.UsageError(f"{path} holds draws of another configuration; use a new --run-id")
-        done = list(part["batches"])
-    sizes = [min(args.batch, args.n_samples - i) for i in range(0, args.n_samples, args.batch)]
-    if len(done) > len(sizes) or any(len(b) != s for b, s in zip(done, sizes)):
-        raise common.UsageError(f"{path} holds batches of another size; use a new --run-id")
-    for b in range(len(done), len(sizes)):
-        done.append(P.draw(D, y, mask, sizes[b], args, seed + b, device, sizes[b], f"batch {b + 1}/{len(sizes)}"))
-        torch.save({"key": key, "batches": done}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        progress(b + 1, len(sizes))
-    return torch.cat(done)
-
-
-# ----------------------------------------------------------------------------- evaluation
+# ==== core: the method, with torch, numpy and math only (tests/test_core.py runs this span alone) ====
 def spectrum_stats(s):
     """k95, k99 and the participation ratio of singular values s (any order), plus the normalised spectrum."""
     s = torch.sort(torch.as_tensor(s, dtype=torch.float64), descending=True).values
@@ -79,6 +59,58 @@ def snapshot_svd(draws):
     Xc = X - X.mean(1, keepdim=True)
     U, s_c, _ = torch.linalg.svd(Xc, full_matrices=False)
     return X, torch.linalg.svdvals(X), s_c, U
+# ==== end of core ====
+
+
+# ----------------------------------------------------------------------------- sampling (batched, resumable)
+def draw_settings(args, observed, seed):
+    """What one setting's draws depend on: every flag but the run's place, the device and the judge's budget, plus
+    its fraction and seed. Saved with the draws; a rerun with other settings is refused."""
+    skip = ("out", "run_id", "device", "explicit", "data_root", "judge_epochs", "quick", "observed")
+    return {**{k: v for k, v in vars(args).items() if k not in skip}, "observed": observed, "seed": seed}
+
+
+def load_saved(path, settings):
+    """What an earlier run left at `path` (a snapshots_ or partial_ file), or None when there is none. A corrupt file
+    or one drawn with other settings is a one-line UsageError naming it."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise common.UsageError(f"cannot read {path}: truncated or not a torch file ({type(e).__name__}); delete it "
+                                f"to draw again") from None
+    if not isinstance(saved, dict) or "settings" not in saved:
+        raise common.UsageError(f"{path} is not a file of this version of {SCRIPT}; delete it to draw again")
+    other = sorted(k for k in {**settings, **saved["settings"]} if settings.get(k) != saved["settings"].get(k))
+    if other:
+        raise common.UsageError(f"{path} holds draws of other settings ({', '.join(other)} differ); use a new --run-id")
+    return saved
+
+
+def ensemble(D, y, mask, args, seed, path, settings, done, device, progress):
+    """args.n_samples draws, continuing the finished batches `done`; after each batch `path` keeps them all. Batch b
+    has seed + b, the same as one call of edm_posterior.draw with all of them, so a resumed ensemble equals an
+    uninterrupted one."""
+    done = list(done)
+    sizes = [min(args.sample_batch, args.n_samples - i) for i in range(0, args.n_samples, args.sample_batch)]
+    for b in range(len(done), len(sizes)):
+        done.append(edm_posterior.draw(D, y, mask, sizes[b], args, seed + b, device, sizes[b],
+                                       f"batch {b + 1}/{len(sizes)}", clamp=not args.exact_prior))
+        common.save_atomic({"settings": settings, "batches": done}, path)
+        progress(b + 1, len(sizes))
+    return torch.cat(done)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def exact_spectra(prior, mask, y):
+    """For the exact Gaussian prior, the spectra the draws estimate, from the exact posterior (mean m, covariance S)
+    on the [0, 1] scale: raw X X^T / N -> S + m m^T, centred -> S (square roots of their eigenvalues)."""
+    obs = mask.flatten().bool()
+    m, S = prior.posterior(obs, y.flatten()[obs])
+    m, S = (m + 1) / 2, S / 4
+    return {kind: torch.linalg.eigvalsh(M).clamp(min=0).sqrt() for kind, M in
+            (("raw, exact", S + torch.outer(m, m)), ("centered, exact", S))}
 
 
 def figure_spectra(path, spectra):
@@ -86,7 +118,8 @@ def figure_spectra(path, spectra):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for (name, kind), s in spectra.items():
         e = s ** 2
-        style = dict(ls="-" if kind == "raw" else "--", label=f"{name} {kind}")
+        style = dict(ls="-" if kind.startswith("raw") else "--", lw=2.5 if "exact" in kind else 1.2,
+                     alpha=0.5 if "exact" in kind else 1.0, label=f"{name} {kind}")
         axes[0].plot(range(1, len(s) + 1), (s / s[0]).numpy(), **style)
         axes[1].plot(range(1, len(s) + 1), (torch.cumsum(e, 0) / e.sum()).numpy(), **style)
     axes[0].set(xscale="log", yscale="log", xlabel="index i", ylabel="s_i / s_1", title="normalised singular values",
@@ -131,61 +164,62 @@ def markdown_table(rows):
 
 
 # ----------------------------------------------------------------------------- main
-def parse_args():
-    p = common.make_parser(__doc__)
-    P.add_posterior_args(p)
-    p.add_argument("--n-samples", type=common.positive_int, help="posterior draws N per setting (columns of X)")
-    first, _ = p.parse_known_args()
-    p.set_defaults(**PRESETS["quick" if first.quick else "full"])
-    args = p.parse_args()
-    P.check_args(p, args)
+def parse_args(argv=None):
+    p = common.make_parser(__doc__, PRESETS)
+    edm_posterior.add_posterior_args(p)
+    p.add_argument("--n-samples", type=common.num(int, 1, 10**6), help="posterior draws N per setting (columns of X)")
+    args = common.parse(p, argv)
+    edm_posterior.check_args(p, args)
     return args
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = common.get_device(args.device)
-    common.seed_everything(args.seed)
-    D = P.load_prior(args, device)
-    x_true = P.ground_truth(args.dataset, args.data_root, args.digit, args.index)
+    torch.manual_seed(args.seed)
+    D = edm_posterior.load_prior(args, device)  # bad input is found before the run folder exists
+    x_true = edm_posterior.ground_truth(args.dataset, args.data_root, args.digit, args.index)
+    settings = [draw_settings(args, observed, args.seed + 1000 * e) for e, observed in enumerate(args.observed)]
+    old = os.path.join(args.out, SCRIPT, args.run_id) if args.run_id else None  # a rerun continues what is there
+    saved = [[old and load_saved(os.path.join(old, f"{kind}_{edm_posterior.tag(o)}.pt"), s)
+              for kind in ("snapshots", "partial")] for o, s in zip(args.observed, settings)]
     run = common.Run(SCRIPT, args)
     judge = evaluate.get_judge(args.dataset, args.data_root, args.out, "cpu", args.judge_epochs)["model"]
-    run.log(device=str(device), digit=args.digit, guidance=args.guidance, steps=args.steps, n_samples=args.n_samples)
+    run.log(device=str(device), digit=args.digit, guidance=args.guidance, sample_steps=args.sample_steps,
+            n_samples=args.n_samples)
     rows, spectra, posterior = [], {}, {}
     for e, observed in enumerate(args.observed):
-        name = P.tag(observed)
-        mask = P.make_mask(args.mask, observed, args.mask_seed)
-        y = P.observe(x_true, mask, args.measurement_noise, args.mask_seed)
-        key = json.dumps({k: getattr(args, k) for k in ("checkpoint", "mask", "mask_seed", "digit", "index", "seed",
-                          "measurement_noise", "guidance", "lambda_max", "lambda_min", "power", "likelihood_sigma",
-                          "noise_aware_c", "zeta", "steps", "batch")} | {"observed": observed})
-        t0, nb, snap = time.time(), -(-args.n_samples // args.batch), run.path(f"snapshots_{name}.pt")
-        done = torch.load(snap, weights_only=False) if os.path.isfile(snap) else {}
-        if done.get("key") == key:  # this setting finished in an earlier run: reuse its draws
-            draws = done["draws"]
+        name = edm_posterior.tag(observed)
+        mask = edm_posterior.make_mask(args.mask, observed, args.mask_seed)
+        y = edm_posterior.observe(x_true, mask, args.measurement_noise, args.mask_seed)
+        t0, nb, (snap, part) = time.time(), -(-args.n_samples // args.sample_batch), saved[e]
+        if snap:  # this setting finished in an earlier run: reuse its draws
+            draws = snap["draws"]
         else:
-            draws = ensemble(D, y, mask, args, args.seed + 1000 * e, run.path(f"partial_{name}.pt"), key, device,
+            draws = ensemble(D, y, mask, args, settings[e]["seed"], run.path(f"partial_{name}.pt"), settings[e],
+                             part["batches"] if part else [], device,
                              lambda b, _: run.progress(f"draws {name}", e * nb + b, len(args.observed) * nb, True))
         secs = time.time() - t0
         X, s_raw, s_c, U = snapshot_svd(draws)
-        torch.save({"key": key, "X": X.float(), "s_raw": s_raw, "s_centered": s_c, "draws": draws, "x_true": x_true,
-                    "mask": mask}, snap)
+        common.save_atomic({"settings": settings[e], "X": X.float(), "s_raw": s_raw, "s_centered": s_c,
+                            "draws": draws, "x_true": x_true, "mask": mask}, run.path(f"snapshots_{name}.pt"))
         if os.path.isfile(run.path(f"partial_{name}.pt")):
             os.remove(run.path(f"partial_{name}.pt"))  # the snapshots file now holds every draw
-        for kind, s in (("raw", s_raw), ("centered", s_c)):
+        spectra_e = exact_spectra(D, mask, y) if args.exact_prior else {}
+        for kind, s in (("raw", s_raw), ("centered", s_c), *spectra_e.items()):
             spectra[(name, kind)] = s
             rows.append({"setting": name, "observed_fraction": observed, "matrix": kind, **spectrum_stats(s)})
-        m, _, _ = P.posterior_metrics(draws, x_true, y, mask, args.digit, judge)
+        m, _, _ = edm_posterior.posterior_metrics(draws, x_true, y, mask, args.digit, judge)
         posterior[name] = {**m, "seconds": round(secs, 1)}
         run.log(svd=rows, posterior=posterior, reference=REFERENCE)
         figure_modes(run.path(f"modes_{name}.png"), X.mean(1), U, s_c,
-                     f"{100 * observed:.0f}% observed: posterior mean and principal modes of the draws")
+                     f"{100 * observed:g}% observed: posterior mean and principal modes of the draws")
         figure_spectra(run.path("svd_spectrum.png"), spectra)
         print(f"{name}: " + "; ".join(f"{r['matrix']} k95 {r['k95']} k99 {r['k99']} PR {r['participation_ratio']:.3f}"
                                       for r in rows[-2:]) + f" ({secs:.0f} s for {len(draws)} draws)")
     with open(run.path("svd_table.md"), "w") as f:
         f.write(f"Posterior ensembles: N = {args.n_samples} draws, digit {args.digit}, {args.mask} mask, "
-                f"{args.guidance} guidance, {args.steps} steps, [0, 1] pixel scale.\n\n" + markdown_table(rows))
+                f"{args.guidance} guidance, {args.sample_steps} steps, [0, 1] pixel scale.\n\n" + markdown_table(rows))
     with open(run.path("svd_table.json"), "w") as f:
         json.dump({"rows": rows, "reference": REFERENCE}, f, indent=2)
     run.finish()
@@ -193,4 +227,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    common.main(main)

@@ -100,7 +100,7 @@ def core_namespace(script, **modules):
 
 def interrupt(args, ready, sig, timeout=120):
     """Start a project script (args as for run_script), wait until the file `ready` exists (say, the first
-    checkpoint: training is under way), send `sig`, and return the CompletedProcess-like (returncode, stdout, stderr)."""
+    checkpoint: training is under way), send `sig`; return a CompletedProcess (returncode, stdout, stderr)."""
     import signal as _signal
     import time
     p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,4 +1,5 @@
-"""The live run dashboard (assets/dashboard.html, which common.Run copies to the outputs root), in a real browser.
+"""The live run dashboard (assets/dashboard.html, which serve_dashboard.sh installs in the outputs root), in a real
+browser, and serve_dashboard.sh itself (bad ports, a port in use, no run yet).
 
 A local http.server serves a temp outputs folder and records every request; the test plays the run (common.Run
 writing status.json, metrics.json and PNGs) while headless chromium shows the page. Chromium is driven over the
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import zlib
 
@@ -70,17 +72,26 @@ def say(request, line):
         reporter.write_line(f"test_dashboard: {line}")
 
 
+def install(out):
+    """What serve_dashboard.sh does before it serves `out`."""
+    os.makedirs(out, exist_ok=True)
+    shutil.copy(ASSET, os.path.join(out, "dashboard.html"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ----------------------------------------------------------------------------- no browser needed
-def test_run_installs_the_dashboard_in_the_outputs_root(tmp_path):
-    asset = open(ASSET, "rb").read()
+def test_run_names_the_newest_run_and_leaves_the_page_to_the_server(tmp_path):
     make_run(tmp_path, "first")
-    assert open(tmp_path / "dashboard.html", "rb").read() == asset
     assert (tmp_path / "LATEST_RUN.txt").read_text() == "fake_script/first\n"
-    (tmp_path / "dashboard.html").write_text("an old version")
-    make_run(tmp_path, "second")  # a changed template is copied again
-    assert open(tmp_path / "dashboard.html", "rb").read() == asset
+    make_run(tmp_path, "second")
     assert (tmp_path / "LATEST_RUN.txt").read_text() == "fake_script/second\n"
-    assert sorted(os.listdir(tmp_path)) == ["LATEST_RUN.txt", "current", "dashboard.html", "fake_script"]  # no temps
+    assert os.readlink(tmp_path / "current") == os.path.join("fake_script", "second")  # relative: the folder can move
+    assert sorted(os.listdir(tmp_path)) == ["LATEST_RUN.txt", "current", "fake_script"]  # no page, no temps
 
 
 def test_dashboard_is_self_contained():
@@ -96,29 +107,59 @@ def test_dashboard_is_self_contained():
         assert f'id="{ident}"' in html
 
 
-def test_serve_dashboard_script(tmp_path):
-    script = os.path.join(ROOT, "serve_dashboard.sh")
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
-    r = subprocess.run(["bash", script, "0"], env=env, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2 and "run a script first" in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    shutil.copy(ASSET, tmp_path / "dashboard.html")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    p = subprocess.Popen(["bash", script, str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+SERVE = os.path.join(ROOT, "serve_dashboard.sh")
+
+
+def serve(out, *args, **kw):
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    return subprocess.run(["bash", SERVE, *args], env=env, capture_output=True, text=True, timeout=30, **kw)
+
+
+@pytest.mark.parametrize("port", ["0", "99999", "65536", "-1", "abc", "80x", "1e3", "8000 1"])
+def test_serve_dashboard_rejects_a_port_out_of_range(tmp_path, port):
+    r = serve(tmp_path / "out", port)
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr == f"serve_dashboard.sh: error: PORT must be a number from 1 to 65535, got '{port}'\n"
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_serve_dashboard_refuses_a_port_in_use_and_an_unusable_out(tmp_path):
+    with socket.socket() as other:  # another server already listens on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        r = serve(tmp_path / "out", str(port))
+    assert r.returncode == 2 and r.stdout == "", r  # no address that would point at the other server
+    assert r.stderr.count("\n") == 1 and f"port {port} on 127.0.0.1 is in use" in r.stderr, r.stderr
+    (tmp_path / "a_file").write_text("not a folder")
+    r = serve(tmp_path / "a_file", str(free_port()))
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and "OUT=" in r.stderr, r.stderr
+
+
+def test_serve_dashboard_installs_the_page_and_needs_no_run(tmp_path):
+    out = tmp_path / "outputs"  # not there yet: no run has written to it
+    port = free_port()
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    p = subprocess.Popen(["bash", SERVE, str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                          text=True, start_new_session=True)
     try:
         assert p.stdout.readline().strip() == f"http://localhost:{port}/dashboard.html"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard.html", timeout=5) as resp:
-                    assert resp.read() == open(ASSET, "rb").read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or p.poll() is not None:
-                    raise
-                time.sleep(0.1)
+        # the address is printed once the server listens: the first request is answered, no retry needed
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard.html", timeout=10) as resp:
+            assert resp.read() == open(ASSET, "rb").read()
+        with pytest.raises(urllib.error.HTTPError) as e:  # no run yet: the page shows "No run yet" until it appears
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/LATEST_RUN.txt", timeout=10)
+        assert e.value.code == 404
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+    assert sorted(os.listdir(out)) == ["dashboard.html"]  # installed whole: no temp file left
+    (out / "dashboard.html").write_text("an old version")  # a changed template is copied again at the next start
+    p = subprocess.Popen(["bash", SERVE, str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == f"http://localhost:{port}/dashboard.html"
+        assert open(out / "dashboard.html", "rb").read() == open(ASSET, "rb").read()
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=10)
@@ -295,7 +336,8 @@ class Page:
         r = self.rect(selector)
         x, y = r["x"] + r["width"] / 2, r["y"] + r["height"] / 2
         if kind == "wheel":
-            self.send("Input.dispatchMouseEvent", {"type": "mouseWheel", "x": x, "y": y, "deltaX": 0, "deltaY": delta_y})
+            self.send("Input.dispatchMouseEvent",
+                      {"type": "mouseWheel", "x": x, "y": y, "deltaX": 0, "deltaY": delta_y})
             return
         for t in ("mousePressed", "mouseReleased"):
             self.send("Input.dispatchMouseEvent", {"type": t, "x": x, "y": y, "button": "left", "clickCount": 1})
@@ -369,8 +411,8 @@ LOADED = f"[...{FIGURES}].every((i) => i.complete && i.naturalWidth > 0)"
 
 def test_dashboard_follows_a_run_and_stops_polling_when_it_completes(server, page):
     out = server.root / "follow"  # this test's outputs root, served under /follow/
-    run = make_run(out, "demo-run")  # the real code path: also installs out/dashboard.html
-    assert (out / "dashboard.html").is_file()
+    install(out)  # as serve_dashboard.sh does
+    run = make_run(out, "demo-run")  # the real code path: LATEST_RUN.txt names the run
     write_figure(run, "loss.png")
     run.log(train_loss=0.5, eval={"fid": 3.25, "n": 100}, sweep=[{"w": 0.0, "fid": 9.5}, {"w": 1.0, "fid": 4.5}],
             wide=[{f"column_{i}": i * 1.5 for i in range(40)}])  # a table wider than the window
@@ -414,8 +456,7 @@ def test_dashboard_follows_a_run_and_stops_polling_when_it_completes(server, pag
 
 def test_dashboard_zooms_into_a_figure_and_shows_no_run_yet(server, page):
     out = server.root / "zoom"
-    out.mkdir()
-    shutil.copy(ASSET, out / "dashboard.html")
+    install(out)
     page.goto(f"{server.url}/zoom/dashboard.html?interval={INTERVAL_MS}")
     page.wait_for("document.getElementById('notice').textContent.includes('No run yet')", "the no-run-yet notice")
     n = len(requests_under(server, "/zoom/LATEST_RUN.txt"))
