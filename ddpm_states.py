@@ -133,7 +133,7 @@ def state_outlines():
     return out
 
 
-def states_raw(n_per_state, seed):
+def states_raw(n_per_state, seed, jitter=JITTER):
     """n points per state, uniform by arc length over all of its rings, plus Gaussian jitter; labels 0..4."""
     gen, lines, pts = np.random.default_rng(seed), state_outlines(), []
     for name in STATE_NAMES:
@@ -142,14 +142,14 @@ def states_raw(n_per_state, seed):
         s = gen.uniform(0, cum[-1], size=n_per_state)
         k = np.clip(np.searchsorted(cum, s, side="right") - 1, 0, len(segs) - 1)
         u = ((s - cum[k]) / (cum[k + 1] - cum[k]))[:, None]
-        pts.append(segs[k, 0] + u * (segs[k, 1] - segs[k, 0]) + JITTER * gen.standard_normal((n_per_state, 2)))
+        pts.append(segs[k, 0] + u * (segs[k, 1] - segs[k, 0]) + jitter * gen.standard_normal((n_per_state, 2)))
     return np.concatenate(pts), np.repeat(np.arange(len(STATE_NAMES)), n_per_state)
 
 
-def make_states(n_per_state=1000, seed=0, split="train"):
+def make_states(n_per_state=1000, seed=0, split="train", jitter=JITTER):
     """STATES: (points float32 N x 2, labels int64 N), N = 5 n_per_state, standardized per axis with the mean and
     std of a large fixed draw (the same map for every split). "train" and "val" are independent draws."""
-    pts, labels = states_raw(n_per_state, seed + {"train": 0, "val": 1_000_003}[split])
+    pts, labels = states_raw(n_per_state, seed + {"train": 0, "val": 1_000_003}[split], jitter)
     ref, _ = states_raw(200_000, seed=12345)
     pts = (pts - ref.mean(0)) / ref.std(0)
     return torch.tensor(pts, dtype=torch.float32), torch.tensor(labels, dtype=torch.int64)

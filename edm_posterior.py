@@ -94,15 +94,11 @@ def dps_gradient(D, x, sigma, y, mask):
     return x0.detach(), grad
 
 
-def dot(a, b):
-    """Per-sample inner products <a_n, b_n>, shaped to broadcast against a batch."""
-    return (a * b).flatten(1).sum(1).view(-1, *[1] * (a.ndim - 1))
-
-
 def conjugate_gradient(op, b, iters):
     """`iters` steps of conjugate gradients on op(v) = b from v = 0, one system per sample (op acts on each sample
     alone). A direction of non-positive curvature (possible for a trained denoiser's Jacobian) ends that sample's
     updates."""
+    dot = lambda a, c: (a * c).flatten(1).sum(1).view(-1, *[1] * (a.ndim - 1))  # noqa: E731  per-sample <a, c>
     v, r = torch.zeros_like(b), b.clone()
     p, rr = r.clone(), dot(r, r)
     for _ in range(iters):
@@ -116,11 +112,8 @@ def conjugate_gradient(op, b, iters):
 
 
 def tweedie_denoiser(D, x, sigma, y, mask, noise=0.0, cg_iters=5, sigma_data=0.5):
-    """E[x0 | x, y] when p(x0 | x) is taken to be N(D(x, sigma), sigma^2 J), J = dD/dx (Tweedie's second moment;
-    exact for a Gaussian prior), and y = m x0 + noise n:
-        D_y = D + J^T m v,   (m J m + (noise / sigma)^2 I) v = m (y - D)
-    solved by cg_iters steps of conjugate gradients with Jacobian-vector products. cg_iters = 0 takes J as
-    r^2 / sigma^2 I, r^2 = sigma^2 sigma_data^2 / (sigma^2 + sigma_data^2) (PiGDM's diagonal, Song et al. 2023)."""
+    """E[x0 | x, y] = D + J^T m v (module docstring, --guidance tweedie): v from cg_iters steps of conjugate gradients,
+    one Jacobian-vector product each, or with cg_iters = 0 from PiGDM's diagonal J."""
     with torch.enable_grad():
         f = lambda z: D(z, sigma)  # noqa: E731
         x0, pullback = torch.func.vjp(f, x)
@@ -291,37 +284,21 @@ def posterior_metrics(draws, x_true, y, mask, digit, judge):
                 float(std[hidden].mean()) if hidden.any() else 0.0}, mean, std
 
 
-def figure_setup(path, x_true, mask, y, draws, title):
-    """Ground truth, mask, what is observed (grey = unknown), then posterior draws."""
+def figure_row(path, panels, title):
+    """A row of 28 x 28 panels: (image 1 x 1 x 28 x 28, caption, imshow options); a colour bar on heat maps."""
     import matplotlib.pyplot as plt
-    k = min(6, len(draws))
-    panels = [(x_true, "ground truth"), (mask * 2 - 1, "mask (white = seen)"),
-              (torch.where(mask.bool(), y, torch.zeros_like(y)), "observed y")]
-    panels += [(draws[j:j + 1], f"draw {j + 1}") for j in range(k)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels), 2.0))
-    for ax, (img, name) in zip(axes, panels):
-        ax.imshow(img[0, 0].numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels) + 0.4 * sum(p[2] != GRAY for p in panels), 2.1))
+    for ax, (img, name, kw) in zip(axes, panels):
+        im = ax.imshow(img[0, 0].numpy(), interpolation="nearest", **kw)
         ax.set_title(name, fontsize=8)
         ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    common.save_fig(fig, path)
-
-
-def figure_mean_std(path, x_true, mask, mean, std, title):
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(8.4, 2.4))
-    err = ((mean - x_true).abs() * (1 - mask))[0, 0]
-    for ax, img, name, kw in [(axes[0], x_true[0, 0], "ground truth", dict(cmap="gray", vmin=-1, vmax=1)),
-                              (axes[1], mean[0, 0], "posterior mean", dict(cmap="gray", vmin=-1, vmax=1)),
-                              (axes[2], std[0, 0], "per-pixel std", dict(cmap="magma", vmin=0)),
-                              (axes[3], err, "|mean - truth| (hidden)", dict(cmap="magma", vmin=0))]:
-        im = ax.imshow(img.numpy(), interpolation="nearest", **kw)
-        ax.set_title(name, fontsize=8)
-        ax.axis("off")
-        if kw["cmap"] == "magma":
+        if kw != GRAY:
             fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=9)
     common.save_fig(fig, path)
+
+
+GRAY, HEAT = dict(cmap="gray", vmin=-1, vmax=1), dict(cmap="magma", vmin=0)
 
 
 def tag(observed):
@@ -421,11 +398,15 @@ def main(argv=None):
         torch.save({"draws": draws, "x_true": x_true, "y": y, "mask": mask, "digit": args.digit},
                    run.path(f"draws_{name}.pt"))
         title = f"{args.guidance} guidance, {args.mask} mask, {100 * observed:g}% observed, {args.sample_steps} steps"
-        figure_setup(run.path(f"setup_{name}.png"), x_true, mask, y, draws, title)
+        seen = torch.where(mask.bool(), y, torch.zeros_like(y))  # grey = unknown
+        figure_row(run.path(f"setup_{name}.png"), [(x_true, "ground truth", GRAY), (mask * 2 - 1, "mask (white = seen)",
+                   GRAY), (seen, "observed y", GRAY)] + [(d[None], f"draw {j + 1}", GRAY) for j, d in
+                                                         enumerate(draws[:6])], title)
         common.image_grid(run.path(f"samples_{name}.png"), draws[:100], nrow=10, title=f"posterior draws: {title}")
-        figure_mean_std(run.path(f"mean_std_{name}.png"), x_true, mask, mean, std, f"{100 * observed:g}% observed: "
-                        f"PSNR {m['psnr_unobserved'] or float('inf'):.1f} dB on hidden pixels, judge "
-                        f"{100 * m['judge_accuracy']:.0f}% digit {args.digit}")
+        figure_row(run.path(f"mean_std_{name}.png"), [(x_true, "ground truth", GRAY), (mean, "posterior mean", GRAY),
+                   (std, "per-pixel std", HEAT), ((mean - x_true).abs() * (1 - mask), "|mean - truth| (hidden)", HEAT)],
+                   f"{100 * observed:g}% observed: PSNR {m['psnr_unobserved'] or float('inf'):.1f} dB on hidden "
+                   f"pixels, judge {100 * m['judge_accuracy']:.0f}% digit {args.digit}")
         print(f"{name}: PSNR(hidden) {m['psnr_unobserved'] or float('inf'):.2f} dB, judge {m['judge_accuracy']:.3f}, "
               f"std {m['mean_posterior_std']:.3f}, {secs:.1f} s")
     run.finish()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole study in order, one script at a time: STATES (unconditional, guided), MNIST CFG, the DDIM study, EDM,
-# posterior sampling (70% and 20% observed), the SVD of the posterior, EMNIST DDP under torchrun.
+# posterior sampling (70% and 20% observed), the SVD of the posterior, the posterior samplers' calibration on exact
+# priors, EMNIST DDP under torchrun.
 #   bash run_all.sh [--quick] [--force]
 # --quick runs every step in its quick mode; a step whose run folder already says "completed" is skipped unless --force.
 # DATA_ROOT (default ./data), DEVICE (auto), NPROC (2, torchrun processes) and PYTHON pass through. The first failure
@@ -47,12 +48,13 @@ step() {  # step NAME SCRIPT COMMAND...: run one script unless its run folder is
 EDM_CKPT="outputs/edm_mnist/$RUN_ID/checkpoint.pt"
 step states_ddpm ddpm_states "$PY" ddpm_states.py
 step states_guidance classifier_guidance_states "$PY" classifier_guidance_states.py \
-  --denoiser "outputs/ddpm_states/$RUN_ID/denoiser.pt"
+  --checkpoint "outputs/ddpm_states/$RUN_ID/denoiser.pt"
 step mnist_cfg ddpm_mnist_cfg "$PY" ddpm_mnist_cfg.py --data-root "$DATA_ROOT"
 step ddim ddim_sample "$PY" ddim_sample.py --checkpoint "outputs/ddpm_mnist_cfg/$RUN_ID/checkpoint.pt" --data-root "$DATA_ROOT"
 step edm edm_mnist "$PY" edm_mnist.py --data-root "$DATA_ROOT"
 step posterior edm_posterior "$PY" edm_posterior.py --checkpoint "$EDM_CKPT" --observed 0.7,0.2 --data-root "$DATA_ROOT"
 step svd svd_posterior "$PY" svd_posterior.py --checkpoint "$EDM_CKPT" --observed 0.7,0.2 --data-root "$DATA_ROOT"
+step calibration posterior_calibration "$PY" posterior_calibration.py --data-root "$DATA_ROOT"
 step emnist_ddp emnist_ddp "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" emnist_ddp.py \
   --data-root "$DATA_ROOT"
 echo

@@ -13,7 +13,7 @@ import torch
 import common
 import ddim_sample
 import ddpm_mnist_cfg
-from conftest import core_namespace, digit_images, run_in_process, run_script
+from conftest import digit_images, run_in_process, run_script
 
 
 @pytest.fixture(autouse=True)
@@ -224,30 +224,6 @@ def test_slerp_endpoints_and_norm():
 
 
 # ----------------------------------------------------------------------------- the core, copied alone
-def test_core_alone_samples_inverts_and_interpolates():
-    """ddim_sample's core with ddpm_mnist_cfg's core as its only module: train the U-Net a few steps with that core's
-    loss, then sample (eta 0 and 1), invert and slerp."""
-    trainer = core_namespace("ddpm_mnist_cfg.py")
-    ns = core_namespace("ddim_sample.py", ddpm_mnist_cfg=trainer)
-    torch.manual_seed(0)
-    eps_model, sched = trainer["UNet"]((8, 16, 32)), trainer["Schedule"](trainer["cosine_beta"](10))
-    opt = torch.optim.Adam(eps_model.parameters(), lr=1e-3)
-    for _ in range(2):
-        x0 = torch.rand(4, 1, 28, 28) * 2 - 1
-        loss = trainer["ddpm_loss"](eps_model, x0, torch.randint(0, 10, (4,)), torch.randint(0, 10, (4,)),
-                                    torch.randn_like(x0), sched, torch.rand(4), 0.1)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        assert math.isfinite(loss.item())
-    eps_model.eval()
-    y, tau = torch.arange(3), ns["timesteps"](10, 4, "quadratic")
-    x_T = ns["slerp"](torch.randn(3, 1, 28, 28), torch.randn(3, 1, 28, 28), torch.tensor(0.3))
-    for eta in (0.0, 1.0):
-        x = ns["ddim_sample"](eps_model, sched, tau, y, 2.0, eta, x_T, torch.Generator().manual_seed(0))
-        assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all() and x.abs().max() <= 1
-    latent = ns["ddim_invert"](eps_model, sched, tau, x, y, 1.0)
-    assert latent.shape == x.shape and torch.isfinite(latent).all()
 
 
 # ----------------------------------------------------------------------------- smoke run, --quick's model, bad input

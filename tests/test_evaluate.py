@@ -11,7 +11,7 @@ import torch
 
 import common
 import evaluate
-from conftest import core_namespace, run_script
+from conftest import run_script
 
 JUDGE_EPOCHS = 10  # 600 tiny images: a few seconds, and the synthetic classes are easy
 
@@ -76,29 +76,6 @@ def test_gaussian_stats_are_mean_and_unbiased_covariance():
     assert torch.allclose(evaluate.gaussian_stats(two)[1], torch.tensor([[2.0, 4.0], [4.0, 8.0]], dtype=torch.float64))
     with pytest.raises(ValueError, match="at least 2"):
         evaluate.gaussian_stats(torch.zeros(1, 5))
-
-
-def test_core_alone_trains_a_judge_and_scores_with_it():
-    """The copy-paste test: the core runs with only torch, numpy and math; a few steps on tiny tensors."""
-    ns = core_namespace("evaluate.py")
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(16, 1, 28, 28) * 2 - 1, torch.arange(16) % 3
-    judge = ns["Judge"](3)
-    opt = torch.optim.Adam(judge.parameters(), lr=1e-3)
-    for _ in range(3):
-        loss = torch.nn.functional.cross_entropy(judge(ns["augment"](x, gen)), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert torch.isfinite(loss)
-    feats, probs = ns["judge_outputs"](judge, x, "cpu", batch=10)
-    assert feats.shape == (16, 128) and feats.dtype == torch.float64 and probs.shape == (16, 3)
-    assert torch.allclose(probs.sum(1), torch.ones(16))
-    fid = ns["frechet_distance"](*ns["gaussian_stats"](feats[:8]), *ns["gaussian_stats"](feats[8:]))
-    assert math.isfinite(fid) and fid >= 0
-    assert ns["frechet_distance"](*ns["gaussian_stats"](feats), *ns["gaussian_stats"](feats)) == \
-        pytest.approx(0, abs=1e-8)
 
 
 def test_augment_keeps_shape_range_and_background():

@@ -14,7 +14,7 @@ import edm_mnist
 import edm_posterior
 import evaluate
 import svd_posterior
-from conftest import core_namespace, run_in_process, run_script
+from conftest import run_in_process, run_script
 
 S2 = 0.36  # variance of the toy Gaussian "data" N(0, S2 I)
 
@@ -162,39 +162,6 @@ def test_snapshot_svd_raw_and_centered():
 
 
 # ----------------------------------------------------------------------------- the cores alone
-def test_core_of_edm_posterior_samples_alone():
-    """The posterior sampler copied with only torch and the EDM core: a few steps of EDM training on tiny tensors,
-    then posterior draws in every mode keep the observed pixels and stay finite."""
-    edm = core_namespace("edm_mnist.py")
-    ns = core_namespace("edm_posterior.py", edm_mnist=edm)
-    torch.manual_seed(0)
-    D = edm["Denoiser"](edm["UNet"]((4, 8, 8)), 0.5)
-    opt, gen = torch.optim.Adam(D.parameters(), lr=1e-3), torch.Generator().manual_seed(0)
-    for _ in range(2):
-        loss = edm["edm_loss"](D, torch.rand(4, 1, 28, 28) * 2 - 1, -1.2, 1.2, gen).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    mask = ns["make_mask"]("random", 0.5, 0)
-    y = ns["observe"](torch.rand(1, 1, 28, 28) * 2 - 1, mask, 0.0, 0)
-    for guidance in ("masked", "dps", "none"):
-        x = ns["posterior_sampler"](D.eval(), torch.randn(2, 1, 28, 28), edm["karras_sigmas"](3), y, mask,
-                                    guidance=guidance, gen=gen)
-        assert x.shape == (2, 1, 28, 28) and torch.isfinite(x).all()
-        assert torch.equal(x[:, mask[0].bool()], y[:, mask[0].bool()].expand(2, -1))
-
-
-def test_core_of_svd_posterior_runs_alone():
-    edm = core_namespace("edm_mnist.py")
-    posterior = core_namespace("edm_posterior.py", edm_mnist=edm)
-    ns = core_namespace("svd_posterior.py", edm_posterior=posterior, edm_mnist=edm)
-    mask, y = observation(0.5, make_mask=posterior["make_mask"], observe=posterior["observe"])
-    draws = posterior["posterior_sampler"](gaussian_denoiser, torch.randn(12, 1, 28, 28), edm["karras_sigmas"](6), y,
-                                           mask, guidance="none", gen=torch.Generator().manual_seed(0))
-    X, s_raw, s_c, U = ns["snapshot_svd"](draws)
-    st = ns["spectrum_stats"](s_c)
-    assert X.shape == (784, 12) and U.shape == (784, 12) and 1 <= st["k95"] <= st["k99"] <= 12
-    assert math.isfinite(st["participation_ratio"]) and ns["spectrum_stats"](s_raw)["k95"] >= 1
 
 
 # ----------------------------------------------------------------------------- resuming an ensemble, saved files

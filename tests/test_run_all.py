@@ -10,7 +10,7 @@ from conftest import ROOT
 
 STEPS = [("states_ddpm", "ddpm_states"), ("states_guidance", "classifier_guidance_states"), ("mnist_cfg", "ddpm_mnist_cfg"),
          ("ddim", "ddim_sample"), ("edm", "edm_mnist"), ("posterior", "edm_posterior"), ("svd", "svd_posterior"),
-         ("emnist_ddp", "emnist_ddp")]
+         ("calibration", "posterior_calibration"), ("emnist_ddp", "emnist_ddp")]
 # a stand-in for python: logs its arguments; for a script, writes a completed run folder (or fails on FAIL_AT)
 FAKE_PY = """#!/usr/bin/env bash
 echo "$*" >> calls.txt

@@ -11,7 +11,7 @@ import torch
 import classifier_guidance_states
 import common
 import ddpm_states
-from conftest import core_namespace, interrupt, run_in_process, run_script
+from conftest import interrupt, run_in_process, run_script
 
 
 # ----------------------------------------------------------------------------- DDPM math
@@ -138,34 +138,6 @@ def test_kde_refuses_non_finite_or_degenerate_points():
 
 
 # ----------------------------------------------------------------------------- the cores, copied alone
-def test_core_of_ddpm_states_trains_and_samples_alone():
-    ns = core_namespace("ddpm_states.py")
-    sched, model = ns["Schedule"](ns["linear_beta"](50)), ns["EpsMLP"](32, 2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x0, gen = torch.randn(128, 2), torch.Generator().manual_seed(0)
-    for _ in range(5):
-        i, eps = torch.randint(0, 50, (128,), generator=gen), torch.randn(128, 2, generator=gen)
-        loss = ns["ddpm_loss"](model, x0, i, eps, sched)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    x, traj = ns["sample"](model, sched, 16, gen, "beta_tilde", record_every=10)
-    assert math.isfinite(loss.item()) and x.shape == (16, 2) and torch.isfinite(x).all() and len(traj) == 6
-
-
-def test_core_of_classifier_guidance_trains_and_samples_alone():
-    ns = core_namespace("classifier_guidance_states.py", ddpm_states=core_namespace("ddpm_states.py"))
-    sched = ns["ddpm_states"].Schedule(ns["ddpm_states"].linear_beta(30))
-    clf, eps_model = ns["Classifier"](3), ns["ddpm_states"].EpsMLP(16, 2)
-    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    x0, y = torch.randn(96, 2), torch.arange(96) % 3
-    for _ in range(5):
-        loss = ns["classifier_loss"](clf, x0, y, torch.randint(0, 30, (96,)), torch.randn(96, 2), sched)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    x = ns["guided_sample"](eps_model, clf, sched, torch.tensor([0, 1, 2, 2]), torch.Generator().manual_seed(0), 2.0)
-    assert math.isfinite(loss.item()) and x.shape == (4, 2) and torch.isfinite(x).all()
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -18,13 +18,14 @@ def headline(script, m):
     if script == "ddpm_states":
         return f"NLL {f(m.get('nll'))} (floor {f(m.get('nll_floor'))}), nn_dist {f(m.get('nn_dist'), '.4f')}"
     if script == "classifier_guidance_states":
-        return f"min on-state {f(m.get('min_on_state'))}, max NLL gap {f(m.get('max_nll_gap'))}"
+        return (f"worst state {m.get('worst_state', '-')}: on state {f(m.get('min_on_state'))}, "
+                f"max NLL gap {f(m.get('max_nll_gap'))}")
     if script in ("ddpm_mnist_cfg", "edm_mnist"):
         s = (f"FID {f(e.get('fid'), '.2f')} (floor {f(e.get('fid_floor'), '.2f')}, N={e.get('n', '-')}), "
              f"confidence {f(e.get('mean_top_prob'))}")
         return s + (f", class acc {f(e.get('class_accuracy'))}" if "class_accuracy" in e else "")
     if script == "ddim_sample":
-        t = m.get("targets", {})
+        t = m.get("headline", {})
         return (f"50-step FID ratio {f(t.get('fid_ratio_50'))}, speed-up {f(t.get('speedup_50'), '.1f')}x, "
                 f"inversion PSNR@100 {f(t.get('psnr_100'), '.1f')} dB")
     if script == "edm_posterior":
@@ -33,6 +34,10 @@ def headline(script, m):
     if script == "svd_posterior":
         return "; ".join(f"{r['setting']} {r['matrix']}: k95 {r['k95']}, PR {r['participation_ratio']:.2f}"
                          for r in m.get("svd", []))
+    if script == "posterior_calibration":
+        rows = [r for r in m.get("rows", []) if r.get("sampler") == "tweedie"]
+        return "; ".join(f"{r['prior']} {100 * r['observed']:g}% {r['steps']} steps: mean error {r['mean_error']:.3f}"
+                         for r in rows if r["steps"] == max(q["steps"] for q in rows))
     if script == "emnist_ddp":
         return (f"class acc {f(e.get('class_accuracy'))} (judge on real {f(e.get('judge_test_accuracy'))}), "
                 f"FID {f(e.get('fid'), '.2f')} (floor {f(e.get('fid_floor'), '.2f')}), world size {m.get('world_size', '-')}")
