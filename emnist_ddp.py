@@ -35,7 +35,6 @@ Usage: python emnist_ddp.py --preset small --data-root ../shared/data
 """
 import contextlib
 import datetime
-import json
 import math
 import os
 import shutil
@@ -235,92 +234,7 @@ def load_data(args):
     return x, y
 
 
-# ----------------------------------------------------------------------------- the processes
-class DistInfo:
-    """Where this process sits in a torchrun launch (one machine or several, under Slurm or not), from the environment
-    torchrun sets; without it, rank 0 of 1. `tag` starts each error line of a multi-process run (which rank failed)."""
-
-    def __init__(self, env=os.environ):
-        self.rank, self.local_rank = int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
-        self.world, self.restarts = int(env.get("WORLD_SIZE", 1)), int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
-        self.max_restarts, self.device, self.stepping = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)), None, False
-        self.tag = f"rank {self.rank}: " if self.world > 1 else ""
-
-    def start(self, backend):
-        """The process group; a gloo group on the CPU for the TrainLoop's reduce; a client of the group's key-value
-        store (torchrun's agent's, or rank 0's under TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) for the roll-call."""
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        self.group = dist.new_group(backend="gloo")
-        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                   timeout=datetime.timedelta(seconds=30))
-        if self.rank == 0 and self.max_restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            print("emnist_ddp.py: warning: torchrun --max-restarts with its store shared: a restarted group can read "
-                  "the last one's addresses (torch issue 135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
-                  file=sys.stderr)
-
-    def reduce(self, v):
-        """The mean over the processes of a CPU tensor (TrainLoop's `reduce`, from the first step on), through the gloo
-        group: with nccl, the stop flags of every step would wait for the GPU."""
-        self.stepping, v = True, v.clone()
-        dist.all_reduce(v, group=self.group)
-        return v / self.world
-
-    def on_signal(self, signum, frame):
-        """SIGINT or SIGTERM in training: in the loop it asks for a stop after the step, which the loop's reduce makes
-        every rank agree on; after the first step, outside the loop (an error unwinding, the roll-call), it is ignored:
-        torchrun SIGTERMs every worker when one dies, and that is no interruption."""
-        if common.TrainLoop.active:
-            common.TrainLoop.active.signal = common.TrainLoop.active.signal or signal.Signals(signum).name
-        elif not self.stepping:
-            raise common.Interrupted(signal.Signals(signum).name)
-
-    @contextlib.contextmanager
-    def watch(self):
-        """How training with several ranks ends (docs/emnist_ddp.md, "When a worker dies"): normally at a barrier; at a
-        stop the ranks agreed on, rank 0 records it while the others wait until it has left (else torchrun would stop
-        it first); after any other error, a roll-call: a rank that does not answer has left, and the run failed."""
-        handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-            dist.barrier()
-            dist.destroy_process_group()  # rank 0 samples and scores alone: no collective can time out
-        except (common.RunError, KeyboardInterrupt) as e:  # a NaN loss, Ctrl-C, SIGTERM: rank 0 records and says why
-            if self.rank:
-                with contextlib.suppress(Exception):
-                    dist.barrier()  # rank 0 never joins: this breaks when it has left
-                sys.exit(1 if isinstance(e, common.RunError) else 128 + signal.Signals[str(e) or "SIGINT"])
-            raise
-        except Exception:  # say, a collective that failed because a peer died
-            dist.destroy_process_group()  # closes this rank's connections, which frees the peers waiting on it
-            gone = self.roll_call()
-            if gone and self.rank:
-                sys.exit(1)  # rank 0 says it (and if rank 0 is gone, torchrun's summary does)
-            if gone:
-                last = common.Run.active.path("checkpoints/latest.pt")
-                raise common.RunError(f"rank {', '.join(map(str, gone))} left the run at step "
-                                      f"{common.Run.active.status['step'] + 1} (no answer to a roll-call within 5 s: "
-                                      f"killed, crashed, or its node is down); " + (
-                                          f"{last} continues it (torchrun --max-restarts, or --resume)"
-                                          if os.path.isfile(last) else "no checkpoint was written yet")) from None
-            raise  # every rank answered: the error is this rank's own
-        finally:
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
-
-    def roll_call(self, wait=5.0):
-        """The ranks that do not answer within `wait` seconds: each rank that gets here says so in the store. If the
-        store has gone, it was rank 0's, and rank 0 has gone with it."""
-        try:
-            self.store.set(f"{SCRIPT}/here/{self.rank}", "1")
-            gone, t0 = set(range(self.world)), time.time()
-            while gone and time.time() - t0 < wait:
-                gone -= {r for r in gone if self.store.check([f"{SCRIPT}/here/{r}"])}
-                time.sleep(0.1)
-            return sorted(gone)
-        except Exception:
-            return [0]
-
-
+# ----------------------------------------------------------------------------- training
 def global_batch_noise(gen, args, dd):
     """i, eps and the label-dropout mask for the WHOLE global batch, from the loop's generator (the same stream on
     every rank, saved in the checkpoint); this rank keeps positions rank::world, the ones DistributedSampler gave its
@@ -331,7 +245,6 @@ def global_batch_noise(gen, args, dd):
     return [v[dd.rank::dd.world] for v in (i, eps, drop)]
 
 
-# ----------------------------------------------------------------------------- training
 def window_row(loop, model, ema, opt, args, device, grad_norms, t0, steps):
     """The metrics of the window that ends now (an epoch, unless --eval-every is shorter) for loop.evaluate, which keeps
     them in its history and checkpoint; `table` adds the statistics of the window's losses."""
@@ -376,8 +289,8 @@ def write_metrics(run, args, dd, rows):
     """metrics.csv (a row per window), metrics_snapshot.json (config, world size, rows) and the last row in
     metrics.json; each file written whole, then renamed: a reader never sees half a file."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    run._write(run.path("metrics.csv"), "\n".join([",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys)
-                                                                        for r in rows]) + "\n")
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+    run._write(run.path("metrics.csv"), "\n".join(lines) + "\n")
     run._write(run.path("metrics_snapshot.json"), {"config": vars(args), "world_size": dd.world, "epochs": rows})
     run.log(last_epoch=rows[-1], world_size=dd.world, restarts=dd.restarts)
 
@@ -547,6 +460,94 @@ def evaluate_run(ema, args, device, run, rows, dd):
     write_report(run, args, dd.world, rows, scores)
 
 
+# ----------------------------------------------------------------------------- the processes: torchrun, faults
+class DistInfo:
+    """Where this process sits in a torchrun launch (one machine or several, under Slurm or not), from the environment
+    torchrun sets; without it, rank 0 of 1. `tag` starts each error line of a multi-process run (which rank failed)."""
+
+    def __init__(self, env=os.environ):
+        self.rank, self.local_rank = int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
+        self.world, self.restarts = int(env.get("WORLD_SIZE", 1)), int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
+        self.max_restarts, self.device, self.stepping = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)), None, False
+        self.tag = f"rank {self.rank}: " if self.world > 1 else ""
+
+    def start(self, backend):
+        """The process group on torchrun's key-value store (the agent's, or rank 0's under
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), kept here for the roll-call: destroying the group does not close it;
+        and a gloo group on the CPU for the TrainLoop's reduce."""
+        timeout = datetime.timedelta(minutes=30)
+        self.store = next(dist.rendezvous("env://", self.rank, self.world, timeout=timeout))[0]
+        dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.world, timeout=timeout)
+        self.group = dist.new_group(backend="gloo")
+        if self.rank == 0 and self.max_restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            print("emnist_ddp.py: warning: torchrun --max-restarts with its store shared: a restarted group can read "
+                  "the last one's addresses (torch issue 135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                  file=sys.stderr)
+
+    def reduce(self, v):
+        """The mean over the processes of a CPU tensor (TrainLoop's `reduce`, from the first step on), through the gloo
+        group: with nccl, the stop flags of every step would wait for the GPU."""
+        self.stepping, v = True, v.clone()
+        dist.all_reduce(v, group=self.group)
+        return v / self.world
+
+    def on_signal(self, signum, frame):
+        """SIGINT or SIGTERM in training: in the loop it asks for a stop after the step, which the loop's reduce makes
+        every rank agree on; after the first step, outside the loop (an error unwinding, the roll-call), it is ignored:
+        torchrun SIGTERMs every worker when one dies, and that is no interruption."""
+        if common.TrainLoop.active:
+            common.TrainLoop.active.signal = common.TrainLoop.active.signal or signal.Signals(signum).name
+        elif not self.stepping:
+            raise common.Interrupted(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def watch(self):
+        """How training with several ranks ends (docs/emnist_ddp.md, "When a worker dies"): normally at a barrier; at a
+        stop the ranks agreed on, rank 0 records it while the others wait until it has left (else torchrun would stop
+        it first); after any other error, a roll-call: a rank that does not answer has left, and the run failed."""
+        handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+            dist.barrier()
+            dist.destroy_process_group()  # rank 0 samples and scores alone: no collective can time out
+        except (common.RunError, KeyboardInterrupt) as e:  # a NaN loss, Ctrl-C, SIGTERM: rank 0 records and says why
+            if self.rank:
+                with contextlib.suppress(Exception):
+                    dist.barrier()  # rank 0 never joins: this breaks when it has left
+                sys.exit(1 if isinstance(e, common.RunError) else 128 + signal.Signals[str(e) or "SIGINT"])
+            raise
+        except Exception:  # say, a collective that failed because a peer died
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()  # closes this rank's connections, which frees the peers waiting on it
+            gone = self.roll_call()
+            if gone and self.rank:
+                sys.exit(1)  # rank 0 says it (and if rank 0 is gone, torchrun's summary does)
+            if gone:
+                run, last = common.Run.active, common.Run.active.path("checkpoints/latest.pt")
+                kept = f"{last} continues it (torchrun --max-restarts, or --resume)" if os.path.isfile(last) else \
+                    "no checkpoint was written yet"
+                raise common.RunError(f"rank {', '.join(map(str, gone))} left the run at step {run.status['step'] + 1} "
+                                      f"(no answer to a roll-call within 5 s: killed, crashed, or its node is down); "
+                                      f"{kept}") from None
+            raise  # every rank answered: the error is this rank's own
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+
+    def roll_call(self, wait=5.0):
+        """The ranks that do not answer within `wait` seconds: each rank that gets here says so in the store. If the
+        store has gone, it was rank 0's, and rank 0 has gone with it."""
+        try:
+            self.store.set(f"{SCRIPT}/here/{self.rank}", "1")
+            gone, t0 = set(range(self.world)), time.time()
+            while gone and time.time() - t0 < wait:
+                gone -= {r for r in gone if self.store.check([f"{SCRIPT}/here/{r}"])}
+                time.sleep(0.1)
+            return sorted(gone)
+        except Exception:
+            return [0]
+
+
 # ----------------------------------------------------------------------------- main
 SAMPLING = ("w", "n_samples", "grid_per_class", "sample_batch", "chars", "progress_char", "frame_every", "no_sample",
             "no_eval", "judge_epochs", "data_root", "backend")  # flags a resumed or sampled checkpoint may change
@@ -653,7 +654,7 @@ def main():
     else:
         if run:
             os.makedirs(run.path("checkpoints"), exist_ok=True)
-        with dd.watch() if dd.world > 1 else contextlib.nullcontext():  # a rank that dies: told from a stop
+        with dd.watch() if dd.world > 1 else contextlib.nullcontext():  # several ranks: a dead one is named
             loop = train(args, *data, model, ema, device, dd, run, ckpt)
         if dd.rank:
             return

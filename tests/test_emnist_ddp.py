@@ -22,7 +22,7 @@ import torch
 
 import common
 import emnist_ddp as E
-from conftest import ROOT, core_namespace, run_script
+from conftest import ROOT, core_namespace
 
 # 564 tiny images, global batch 188: 3 steps per epoch (94 per rank with 2 processes); 16 px, channels 8,16,32
 TINY = ["--quick", "--batch-size", "188", "--T", "10"]
@@ -436,8 +436,7 @@ def test_resume_auto_and_a_restarted_group_continue_the_run_folder(runs, monkeyp
 @pytest.mark.parametrize("flags, says", [
     (["--batch-size", "3"], "global --batch-size 3 is not divisible by the world size 2"),
     (["--w", "nan"], "--w: must be in [0, inf], got nan"),
-    (["--data-root", "/nonexistent/data"], "emnist-balanced not found in /nonexistent/data/EMNIST/raw"),
-    (["--resume", "auto"], "--resume auto and torchrun --max-restarts need --run-id")])
+    (["--data-root", "/nonexistent/data"], "emnist-balanced not found in /nonexistent/data/EMNIST/raw")])
 def test_bad_input_under_torchrun_fails_with_one_line_per_failing_rank(flags, says, tiny_emnist, tmp_path):
     """Every rank checks flags and data before the process group forms. Whichever rank fails first prints its line
     (naming its rank) before it exits; torchrun may stop the other before it prints, so one or two lines."""
@@ -465,7 +464,7 @@ def test_slurm_script_parses_and_passes_only_known_flags(name):
     path = os.path.join(ROOT, "slurm", name)
     assert subprocess.run(["bash", "-n", path], capture_output=True).returncode == 0
     text = open(path).read().replace("\\\n", " ")  # join continuation lines
-    line = next(ln for ln in text.splitlines() if not ln.lstrip().startswith("#") and "torchrun" in ln
+    line = next(ln for ln in text.splitlines() if not ln.lstrip().startswith("#") and "torch.distributed.run" in ln
                 and "emnist_ddp.py" in ln)
     tokens = shlex.split(line.split("emnist_ddp.py", 1)[1])
     flags = {t.split("=")[0] for t in tokens if t.startswith("--")}
