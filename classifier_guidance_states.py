@@ -32,7 +32,7 @@ import ddpm_states
 
 SCRIPT = "classifier_guidance_states"
 PRESETS = {"default": dict(train_steps=2000, batch_size=10000, n_samples=5000, n_per_state=1000, eval_every=100,
-                       sweep_w=(0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0), sweep_n=1000),
+                       sweep_w=(0.0, 0.5, 1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0), sweep_n=1000),
            "quick": dict(train_steps=200, batch_size=2000, n_samples=300, n_per_state=200, eval_every=50,
                          sweep_w=(0.0, 2.0), sweep_n=100)}
 
@@ -218,7 +218,8 @@ def parse_args(argv=None):
     p = common.make_parser(__doc__, PRESETS)
     p.add_argument("--checkpoint", default=None, help="denoiser.pt from ddpm_states.py (default: train one here)")
     ddpm_states.add_data_args(p)
-    p.add_argument("--w", type=common.num(float, 0, 1000), default=1.0, help="guidance scale s (0: unguided DDIM)")
+    p.add_argument("--w", type=common.num(float, 0, 1000), default=1.1,
+                   help="guidance scale s (0: unguided DDIM; 1.1: chosen by the sweep, docs/classifier_guidance_states.md)")
     p.add_argument("--n-samples", type=common.num(int, 1, 10**6), help="samples per state")
     p.add_argument("--sample-batch", type=common.num(int, 1, 10**6), default=25000,
                    help="points per guided-sampling batch (lower it if memory is short)")
@@ -235,7 +236,7 @@ def parse_args(argv=None):
 def main():
     args = parse_args()
     resume = common.load_checkpoint(args.resume, SCRIPT, "classifier") if args.resume else None
-    args = common.resumed(args, resume) if resume else args
+    args = common.resumed(args, resume, ("w", "n_samples", "sample_batch", "sweep_w", "sweep_n")) if resume else args
     device = common.get_device(args.device)
     x, y, xv, yv = (v.to(device) for v in ddpm_states.load_data(args))  # bad input fails here, before the run folder
     if args.checkpoint:

@@ -2,6 +2,8 @@
 `Run` (the run folder), `main` (how a run ends) and `TrainLoop` (what surrounds a training loop). No models, samplers
 or metrics of one method live here."""
 import argparse
+import contextlib
+import datetime as dt
 import gzip
 import json
 import math
@@ -14,6 +16,7 @@ import traceback
 from datetime import datetime
 
 import torch
+import torch.distributed as dist
 import matplotlib
 
 matplotlib.use("Agg")  # scripts run headless: write PNGs, never open windows
@@ -397,3 +400,92 @@ class TrainLoop:
             loop = {**self.s, "step": done, "open": [float(v) for v in self.window], "gen": self.gen.get_state()}
             save_atomic({"script": self.script, "kind": self.kind, "config": self.config, "loop": loop,
                          **{k: obj.state_dict() for k, obj in self.state.items()}}, self.path)
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+class Processes:
+    """This process's place in a torchrun launch (one machine or several, under Slurm or not), from the environment
+    torchrun sets (rank 0 of 1 without it), and how training with several processes ends (`watch`). `tag` begins
+    each error line of a multi-process run: which rank failed."""
+
+    def __init__(self, env=os.environ):
+        self.rank, self.local_rank = int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
+        self.world, self.restarts = int(env.get("WORLD_SIZE", 1)), int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
+        self.max_restarts, self.device, self.stepping = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)), None, False
+        self.tag = f"rank {self.rank}: " if self.world > 1 else ""
+
+    def start(self, backend):
+        """The process group on torchrun's key-value store (the agent's, or rank 0's under
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), kept here for the roll-call: destroying the group does not close it;
+        and a gloo group on the CPU for the TrainLoop's reduce."""
+        timeout = dt.timedelta(minutes=30)
+        self.store = next(dist.rendezvous("env://", self.rank, self.world, timeout=timeout))[0]
+        dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.world, timeout=timeout)
+        self.group = dist.new_group(backend="gloo")
+        if self.rank == 0 and self.max_restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            print(f"{os.path.basename(sys.argv[0])}: warning: torchrun --max-restarts with its store shared: a "
+                  "restarted group can read the last one's addresses (torch issue 135712); set "
+                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr)
+
+    def reduce(self, v):
+        """The mean over the processes of a CPU tensor (TrainLoop's `reduce`, from the first step on), through the gloo
+        group: with nccl, the stop flags of every step would wait for the GPU."""
+        self.stepping, v = True, v.clone()
+        dist.all_reduce(v, group=self.group)
+        return v / self.world
+
+    def on_signal(self, signum, frame):
+        """SIGINT or SIGTERM in training: in the loop it asks for a stop after the step, which the loop's reduce makes
+        every rank agree on; after the first step, outside the loop (an error unwinding, the roll-call), it is ignored:
+        torchrun SIGTERMs every worker when one dies, and that is no interruption."""
+        if TrainLoop.active:
+            TrainLoop.active.signal = TrainLoop.active.signal or signal.Signals(signum).name
+        elif not self.stepping:
+            raise Interrupted(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def watch(self, checkpoint=None):
+        """How training with several ranks ends (docs/emnist_ddp.md, "When a worker dies"): normally at a barrier; at a
+        stop the ranks agreed on, rank 0 records it while the others wait until it has left (else torchrun would stop
+        it first); after any other error, a roll-call: a rank that does not answer has left, and the run failed."""
+        handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+            dist.barrier()
+            dist.destroy_process_group()  # rank 0 samples and scores alone: no collective can time out
+        except (RunError, KeyboardInterrupt) as e:  # a NaN loss, Ctrl-C, SIGTERM: rank 0 records and says why
+            if self.rank:
+                with contextlib.suppress(Exception):
+                    dist.barrier()  # rank 0 never joins: this breaks when it has left
+                sys.exit(1 if isinstance(e, RunError) else 128 + signal.Signals[str(e) or "SIGINT"])
+            raise
+        except Exception:  # say, a collective that failed because a peer died
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()  # closes this rank's connections, which frees the peers waiting on it
+            gone = self.roll_call()
+            if gone and self.rank:
+                sys.exit(1)  # rank 0 says it (and if rank 0 is gone, torchrun's summary does)
+            if gone:
+                kept = f"{checkpoint} continues it (torchrun --max-restarts, or --resume)" if os.path.isfile(
+                    checkpoint or "") else "no checkpoint was written yet"
+                step = Run.active.status["step"] + 1
+                raise RunError(f"rank {', '.join(map(str, gone))} left the run at step {step} "
+                               f"(no answer to a roll-call within 5 s: killed, crashed, or its node is down); {kept}") \
+                    from None
+            raise  # every rank answered: the error is this rank's own
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+
+    def roll_call(self, wait=5.0):
+        """The ranks that do not answer within `wait` seconds: each rank that gets here says so in the store. If the
+        store has gone, it was rank 0's, and rank 0 has gone with it."""
+        try:
+            self.store.set(f"roll-call/{self.rank}", "1")
+            gone, t0 = set(range(self.world)), time.time()
+            while gone and time.time() - t0 < wait:
+                gone -= {r for r in gone if self.store.check([f"roll-call/{r}"])}
+                time.sleep(0.1)
+            return sorted(gone)
+        except Exception:
+            return [0]

@@ -48,7 +48,7 @@ import edm_mnist
 import evaluate
 
 SCRIPT = "edm_posterior"
-PRESETS = {"full": dict(n_samples=100, sample_steps=80, judge_epochs=None),
+PRESETS = {"full": dict(n_samples=100, sample_steps=18, judge_epochs=None),
            "quick": dict(n_samples=16, sample_steps=10, judge_epochs=0.05)}
 
 
@@ -180,7 +180,9 @@ def smc_sampler(D, latents, sigmas, y, mask, particles=16, noise=0.0, sigma_data
     moved by the ancestral kernel p(x' | x) = N(mu, v), mu = x0_hat + (sigma'/sigma)^2 (x - x0_hat),
     v = sigma'^2 (1 - sigma'^2 / sigma^2), shifted toward y by the twist's gradient:
         x' ~ N(mu + (sigma^2 - sigma'^2) grad log p~(y | x), v),   log p~(y | x) = -|m (y - D(x, sigma))|^2 / (2 s^2),
-        s^2 = noise^2 + sigma_min^2 + sigma^2 sigma_data^2 / (sigma^2 + sigma_data^2),
+        s^2 = noise^2 + sigma_min^2 + max(sigma^2 sigma_data^2 / (sigma^2 + sigma_data^2), sigma^2 - sigma'^2)
+    (PiGDM's variance of x0 given x, but never below the step's own sigma^2 - sigma'^2, so that the shift cannot
+    overshoot y on a coarse grid),
     and weighted by w <- w p(x' | x) p~(y | x') / (q(x' | x) p~(y | x)); resampled (systematically) whenever a draw's
     effective sample size falls under K / 2. At sigma' = 0 the move is x' = x0_hat. Each draw returns one particle
     picked by its final weight. As K grows the draws approach p(x | y) (for a prior whose kernel is exact); K = 1 is
@@ -188,16 +190,18 @@ def smc_sampler(D, latents, sigmas, y, mask, particles=16, noise=0.0, sigma_data
     K, N, s_min = particles, len(sigmas) - 1, float(sigmas[-2])
     B, obs = len(latents) // particles, mask.bool()
 
-    def twist(x, sigma):  # log p~(y | x), its gradient and x0_hat
+    def twist(x, i):  # log p~(y | x) at level i, its gradient and x0_hat
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        s2 = noise ** 2 + s_min ** 2 + max(sigma ** 2 * sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2),
+                                           sigma ** 2 - sigma_next ** 2)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             x0 = D(x, sigma)
-            s2 = noise ** 2 + s_min ** 2 + sigma ** 2 * sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
             log_p = -((mask * (y - x0)) ** 2).flatten(1).sum(1) / (2 * s2)
             return log_p.detach(), torch.autograd.grad(log_p.sum(), x)[0], x0.detach()
 
     x = latents * float(sigmas[0])
-    log_p, grad, x0 = twist(x, float(sigmas[0]))
+    log_p, grad, x0 = twist(x, 0)
     logw = torch.zeros(B, K, dtype=torch.float64, device=x.device)
     for i in range(N):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -206,7 +210,7 @@ def smc_sampler(D, latents, sigmas, y, mask, particles=16, noise=0.0, sigma_data
             shift = (sigma ** 2 - sigma_next ** 2) * grad
             x = mu + shift + math.sqrt(v) * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
             log_kernel = (((x - mu - shift) ** 2 - (x - mu) ** 2).flatten(1).sum(1) / (2 * v)).double()
-            log_p_next, grad, x0 = twist(x, sigma_next)
+            log_p_next, grad, x0 = twist(x, i + 1)
         else:  # the last move is x0_hat itself; its twist is the likelihood of y (variance noise^2 + sigma_min^2)
             x = x0
             log_kernel = torch.zeros(len(x), dtype=torch.float64, device=x.device)
@@ -242,9 +246,10 @@ def draw(D, y, mask, n, args, seed, device, batch=256, desc="posterior", progres
     """n posterior draws on the CPU (clamped to [-1, 1] for images) with the sampler args.guidance picks, in batches;
     batch b uses the generator seed + b, so any batch can be redrawn alone (svd_posterior.py resumes this way).
     D is the trained denoiser or an exact one (posterior_calibration.py): the same D(x, sigma) call."""
-    sigmas = edm_mnist.karras_sigmas(args.sample_steps, args.sigma_min, args.sigma_max, args.rho)
+    K = args.particles if args.guidance == "smc" else 1  # smc: 2N - 1 moves, as many calls of D as Heun's N steps
+    sigmas = edm_mnist.karras_sigmas(2 * args.sample_steps - 1 if K > 1 or args.guidance == "smc" else
+                                     args.sample_steps, args.sigma_min, args.sigma_max, args.rho)
     y, mask, out, sigma_data = y.to(device), mask.to(device), [], getattr(D, "sigma_data", 0.5)
-    K = args.particles if args.guidance == "smc" else 1
     sizes = [min(batch, n - i) for i in range(0, n, batch)]
     for b, size in enumerate(common.progress_bar(sizes, desc=desc, leave=False)):
         gen = torch.Generator().manual_seed(seed + b)
@@ -322,12 +327,12 @@ def add_posterior_args(p):
     p.add_argument("--digit", type=int, default=7, choices=range(10), metavar="0-9", help="class of the test digit")
     p.add_argument("--index", type=common.num(int, 0, 10**5), default=0, help="which test image of that class")
     p.add_argument("--measurement-noise", type=common.num(float, 0, 100), default=0.0, help="std of the noise in y")
-    p.add_argument("--guidance", choices=["tweedie", "smc", "dps", "masked", "none"], default="tweedie",
+    p.add_argument("--guidance", choices=["smc", "tweedie", "dps", "masked", "none"], default="smc",
                    help="tweedie: the likelihood's score through the denoiser with Tweedie's covariance; smc: the "
                    "twisted diffusion sampler; dps; masked: the residual heuristic; none: data consistency alone")
     p.add_argument("--cg-iters", type=common.num(int, 0, 1000), default=5,
                    help="conjugate-gradient steps of tweedie (0: PiGDM's diagonal covariance)")
-    p.add_argument("--particles", type=common.num(int, 1, 4096), default=16, help="particles per draw (smc)")
+    p.add_argument("--particles", type=common.num(int, 1, 4096), default=8, help="particles per draw (smc)")
     p.add_argument("--lambda-max", type=common.num(float, 0, 10**4), default=1.5, help="guidance scale lambda_max")
     p.add_argument("--lambda-min", type=common.num(float, 0, 1), default=0.25,
                    help="lambda at the first step, as a fraction of lambda_max")

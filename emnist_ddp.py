@@ -1,50 +1,41 @@
 """emnist_ddp.py: a class-conditional DDPM on EMNIST "balanced" (47 characters), trained with DistributedDataParallel.
 
-Forward process (Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models"), t = 1..T, T = 600, index i = t - 1:
-  q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),  alpha_t = 1 - beta_t,
-  alpha_bar_t = prod_{s<=t} alpha_s; cosine schedule (Nichol & Dhariwal 2021, "Improved Denoising Diffusion
-  Probabilistic Models"; diffusers' squaredcos_cap_v2): alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T) + s) / (1 + s)
-  * pi/2), s = 0.008, beta_t = min(1 - alpha_bar(t) / alpha_bar(t-1), 0.999), then alpha_bar_t = prod (1 - beta_s)
-  (the cap is reflected).
-Training: L = E || eps - eps_theta(x_t, t, y') ||^2, x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, y' = the
-  null class (index 47) with probability 10% (label dropout), Adam lr 1e-4, global gradient norm clipped at 1.0,
-  EMA theta_ema <- d theta_ema + (1 - d) theta, d = min(0.999, (1 + n) / (10 + n)) (the warm-up matters for short runs),
-  kept on the unwrapped module.
-Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"), w = 0 unconditional, 1 conditional:
+Forward process (Ho, Jain, Abbeel 2020), t = 1..T, index i = t - 1, the capped cosine schedule (Nichol & Dhariwal
+2021): alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T) + s) / (1 + s) pi/2), s = 0.008,
+  beta_t = min(1 - alpha_bar(t) / alpha_bar(t-1), 0.999),  alpha_bar_t = prod_{s<=t} (1 - beta_s)  (the cap reflected),
+  q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I).
+Training: L = E || eps - eps_theta(x_t, t, y') ||^2, x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, y' the
+  null class (index 47) with probability --p-uncond (label dropout); Adam, the global gradient norm clipped at 1.0,
+  EMA theta_ema <- d theta_ema + (1 - d) theta, d = min(0.999, (1 + n) / (10 + n)) (the warm-up matters for short runs).
+Classifier-free guidance (Ho & Salimans 2022), w = 0 unconditional, 1 conditional:
   eps_hat = eps_theta(x_t, t, null) + w (eps_theta(x_t, t, y) - eps_theta(x_t, t, null)).
 Ancestral sampling, x_T ~ N(0, I): x0_hat = clip((x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t), -1, 1),
   x_{t-1} = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x0_hat
             + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t + sigma_t z,
   sigma_t^2 = beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t  (no noise at t = 1).
-Data: EMNIST balanced through torchvision: 47 classes (upper/lower-case pairs that look alike, c i j k l m o p s u v w
-  x y z, are merged, hence 47 and not 62), images transposed upright, in [-1, 1], resized on the device.
+Data: EMNIST balanced, 47 classes (look-alike upper- and lower-case merged), upright, in [-1, 1], resized on the device.
 Distributed: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE (one machine or several, under Slurm or not); without them this
   is one process. Batch sizes are GLOBAL: each of the W ranks takes batch/W of a batch whose noise is drawn whole
-  (global_batch_noise), so W ranks compute exactly the 1-process batch and DDP's gradient average is its mean-loss
-  gradient: weights agree to float rounding, and a checkpoint resumes exactly with any W that divides the batch. Only
-  rank 0 writes; after training it samples and scores alone with the judge (evaluate.py, at 28 x 28). Faults: bad
-  input stops every rank before the process group forms (prepare); a NaN loss, Ctrl-C or SIGTERM stops them all at
-  the same step; a rank that dies is named and the run marked failed (DistInfo.watch), and a worker group that
-  torchrun restarts continues from the run's last checkpoint (--resume auto).
+  (global_batch_noise), so W ranks compute exactly the 1-process batch: weights agree to float rounding, and a
+  checkpoint resumes exactly with any W that divides the batch. Only rank 0 writes, samples and scores. Bad input
+  stops every rank before the process group forms; a NaN loss, Ctrl-C or SIGTERM stops all at the same step; a rank
+  that dies is named and the run failed; a group torchrun restarts continues from the last checkpoint
+  (common.Processes).
 
-Usage: python emnist_ddp.py --preset small --data-root ../shared/data
+Usage: python emnist_ddp.py --preset cpu --data-root ../shared/data
        torchrun --standalone --nproc_per_node=4 emnist_ddp.py --preset medium       (one machine, 4 GPUs or CPU procs)
        sbatch slurm/emnist_ddp.sbatch ; sbatch slurm/emnist_ddp_multinode.sbatch   (Slurm, one or several nodes)
        python emnist_ddp.py --resume outputs/emnist_ddp/RUN/checkpoints/latest.pt --epochs 60   (continue a run)
        python emnist_ddp.py --checkpoint outputs/emnist_ddp/RUN/checkpoints/latest.pt --chars "ABCk3"   (sample only)
 """
 import contextlib
-import datetime
 import math
 import os
 import shutil
-import signal
-import sys
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -57,6 +48,8 @@ SCRIPT = "emnist_ddp"
 COMMON = dict(T=600, epochs=50, lr=1e-4, n_samples=47 * 100, grid_per_class=10, sample_batch=2350)
 PRESETS = {  # batch sizes are GLOBAL
     "small": dict(COMMON, image_size=28, channels=(64, 128, 256), batch_size=2048),
+    "cpu": dict(COMMON, image_size=28, channels=(24, 48, 96), batch_size=128, T=100, epochs=1000, max_minutes=30.0,
+                lr=1e-3, warmup_steps=200, sample_batch=470),  # 2 CPU cores: 30 minutes of training
     "medium": dict(COMMON, image_size=64, channels=(64, 128, 256, 256), batch_size=384, sample_batch=940),
     "large": dict(COMMON, image_size=96, channels=(96, 192, 384, 384), batch_size=96, sample_batch=470),
     "xl": dict(COMMON, image_size=128, channels=(128, 256, 512, 512), batch_size=32, sample_batch=235),
@@ -258,18 +251,14 @@ def window_row(loop, model, ema, opt, args, device, grad_norms, t0, steps):
 
 
 def memory_mb(device):
-    """This rank's memory: CUDA allocated, reserved and peak (then reset: a peak per row), or the resident set size."""
+    """This rank's memory: CUDA allocated, reserved and peak (then reset: a peak per row), or the peak resident set."""
     if device.type == "cuda":
         out = {f"cuda_{k}_mb": f(device) / 2**20 for k, f in (("allocated", torch.cuda.memory_allocated),
                ("reserved", torch.cuda.memory_reserved), ("peak", torch.cuda.max_memory_allocated))}
         torch.cuda.reset_peak_memory_stats(device)
         return out
-    try:  # the resident set size now (Linux); elsewhere the peak from getrusage
-        with open("/proc/self/statm") as f:
-            return {"rss_mb": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20}
-    except OSError:
-        import resource
-        return {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
+    import resource  # kilobytes on Linux
+    return {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
 
 
 def table(history, losses):
@@ -328,8 +317,7 @@ def train(args, x, y, model, ema, device, dd, run, resume):
         opt.step()
         warmup.step()
         ema_update(ema, model, step, args.ema_decay)
-        loop.every = 1 if k + 1 == steps else args.eval_every or steps  # a window also closes at each epoch's end
-        if loop.record(loss):
+        if loop.record(loss, close=k + 1 == steps):  # a window closes every --eval-every steps and at an epoch's end
             loop.evaluate(**window_row(loop, model, ema, opt, args, device, grad_norms, t0, steps))
             grad_norms, t0 = [], time.time()
             if run:
@@ -460,94 +448,6 @@ def evaluate_run(ema, args, device, run, rows, dd):
     write_report(run, args, dd.world, rows, scores)
 
 
-# ----------------------------------------------------------------------------- the processes: torchrun, faults
-class DistInfo:
-    """Where this process sits in a torchrun launch (one machine or several, under Slurm or not), from the environment
-    torchrun sets; without it, rank 0 of 1. `tag` starts each error line of a multi-process run (which rank failed)."""
-
-    def __init__(self, env=os.environ):
-        self.rank, self.local_rank = int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
-        self.world, self.restarts = int(env.get("WORLD_SIZE", 1)), int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
-        self.max_restarts, self.device, self.stepping = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)), None, False
-        self.tag = f"rank {self.rank}: " if self.world > 1 else ""
-
-    def start(self, backend):
-        """The process group on torchrun's key-value store (the agent's, or rank 0's under
-        TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), kept here for the roll-call: destroying the group does not close it;
-        and a gloo group on the CPU for the TrainLoop's reduce."""
-        timeout = datetime.timedelta(minutes=30)
-        self.store = next(dist.rendezvous("env://", self.rank, self.world, timeout=timeout))[0]
-        dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.world, timeout=timeout)
-        self.group = dist.new_group(backend="gloo")
-        if self.rank == 0 and self.max_restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            print("emnist_ddp.py: warning: torchrun --max-restarts with its store shared: a restarted group can read "
-                  "the last one's addresses (torch issue 135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
-                  file=sys.stderr)
-
-    def reduce(self, v):
-        """The mean over the processes of a CPU tensor (TrainLoop's `reduce`, from the first step on), through the gloo
-        group: with nccl, the stop flags of every step would wait for the GPU."""
-        self.stepping, v = True, v.clone()
-        dist.all_reduce(v, group=self.group)
-        return v / self.world
-
-    def on_signal(self, signum, frame):
-        """SIGINT or SIGTERM in training: in the loop it asks for a stop after the step, which the loop's reduce makes
-        every rank agree on; after the first step, outside the loop (an error unwinding, the roll-call), it is ignored:
-        torchrun SIGTERMs every worker when one dies, and that is no interruption."""
-        if common.TrainLoop.active:
-            common.TrainLoop.active.signal = common.TrainLoop.active.signal or signal.Signals(signum).name
-        elif not self.stepping:
-            raise common.Interrupted(signal.Signals(signum).name)
-
-    @contextlib.contextmanager
-    def watch(self):
-        """How training with several ranks ends (docs/emnist_ddp.md, "When a worker dies"): normally at a barrier; at a
-        stop the ranks agreed on, rank 0 records it while the others wait until it has left (else torchrun would stop
-        it first); after any other error, a roll-call: a rank that does not answer has left, and the run failed."""
-        handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-            dist.barrier()
-            dist.destroy_process_group()  # rank 0 samples and scores alone: no collective can time out
-        except (common.RunError, KeyboardInterrupt) as e:  # a NaN loss, Ctrl-C, SIGTERM: rank 0 records and says why
-            if self.rank:
-                with contextlib.suppress(Exception):
-                    dist.barrier()  # rank 0 never joins: this breaks when it has left
-                sys.exit(1 if isinstance(e, common.RunError) else 128 + signal.Signals[str(e) or "SIGINT"])
-            raise
-        except Exception:  # say, a collective that failed because a peer died
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()  # closes this rank's connections, which frees the peers waiting on it
-            gone = self.roll_call()
-            if gone and self.rank:
-                sys.exit(1)  # rank 0 says it (and if rank 0 is gone, torchrun's summary does)
-            if gone:
-                run, last = common.Run.active, common.Run.active.path("checkpoints/latest.pt")
-                kept = f"{last} continues it (torchrun --max-restarts, or --resume)" if os.path.isfile(last) else \
-                    "no checkpoint was written yet"
-                raise common.RunError(f"rank {', '.join(map(str, gone))} left the run at step {run.status['step'] + 1} "
-                                      f"(no answer to a roll-call within 5 s: killed, crashed, or its node is down); "
-                                      f"{kept}") from None
-            raise  # every rank answered: the error is this rank's own
-        finally:
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
-
-    def roll_call(self, wait=5.0):
-        """The ranks that do not answer within `wait` seconds: each rank that gets here says so in the store. If the
-        store has gone, it was rank 0's, and rank 0 has gone with it."""
-        try:
-            self.store.set(f"{SCRIPT}/here/{self.rank}", "1")
-            gone, t0 = set(range(self.world)), time.time()
-            while gone and time.time() - t0 < wait:
-                gone -= {r for r in gone if self.store.check([f"{SCRIPT}/here/{r}"])}
-                time.sleep(0.1)
-            return sorted(gone)
-        except Exception:
-            return [0]
-
-
 # ----------------------------------------------------------------------------- main
 SAMPLING = ("w", "n_samples", "grid_per_class", "sample_batch", "chars", "progress_char", "frame_every", "no_sample",
             "no_eval", "judge_epochs", "data_root", "backend")  # flags a resumed or sampled checkpoint may change
@@ -632,7 +532,7 @@ def prepare(dd):
 
 
 def main():
-    dd = DistInfo()  # RANK, LOCAL_RANK, WORLD_SIZE and torchrun's restart count, from the environment
+    dd = common.Processes()  # RANK, LOCAL_RANK, WORLD_SIZE and torchrun's restart count, from the environment
     try:
         args, ckpt, data = prepare(dd)
     except common.UsageError as e:  # whichever rank fails first prints its line before torchrun stops the others
@@ -654,11 +554,13 @@ def main():
     else:
         if run:
             os.makedirs(run.path("checkpoints"), exist_ok=True)
-        with dd.watch() if dd.world > 1 else contextlib.nullcontext():  # several ranks: a dead one is named
+        watch = dd.watch(run and run.path("checkpoints/latest.pt")) if dd.world > 1 else contextlib.nullcontext()
+        with watch:  # several ranks: one that dies is named
             loop = train(args, *data, model, ema, device, dd, run, ckpt)
         if dd.rank:
             return
         rows = table(loop.history, loop.s["losses"])
+    torch.set_num_threads(os.cpu_count() or 1)  # rank 0 samples alone: every core (torchrun gave each process one)
     evaluate_run(ema.eval(), args, device, run, rows, dd)
     run.finish()
     print(f"wrote {run.dir}")

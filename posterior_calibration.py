@@ -39,7 +39,7 @@ PRESETS = {"default": dict(priors=("gauss2", "gmm2", "gauss784", "gmm784"), n_sm
            "quick": dict(priors=("gauss2", "gmm2", "gauss784"), n_small=400, n_large=16, sample_steps=(18, 40),
                          particles=(1, 4), smc_steps=18, smc_n_large=8)}
 SAMPLERS = {"tweedie": dict(guidance="tweedie", cg_iters=5), "pigdm": dict(guidance="tweedie", cg_iters=0),
-            "smc": dict(guidance="smc", particles=16), "dps": dict(guidance="dps"), "masked": dict(guidance="masked"),
+            "smc": dict(guidance="smc", particles=8), "dps": dict(guidance="dps"), "masked": dict(guidance="masked"),
             "none": dict(guidance="none")}
 FRACTIONS = {"gauss2": (0.5,), "gmm2": (0.5,), "gauss784": (0.7, 0.2), "gmm784": (0.2, 0.05)}
 

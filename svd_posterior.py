@@ -33,7 +33,7 @@ import edm_posterior
 import evaluate
 
 SCRIPT = "svd_posterior"
-PRESETS = {"full": dict(n_samples=1024, sample_steps=80, judge_epochs=None),
+PRESETS = {"full": dict(n_samples=1024, sample_steps=18, judge_epochs=None),
            "quick": dict(n_samples=32, sample_steps=8, judge_epochs=0.05)}
 REFERENCE = {"obs70": {"k95": "1-3", "k99": None, "participation_ratio": "~1"},  # the reference analysis (raw X)
              "obs20": {"k95": 45, "k99": 152, "participation_ratio": 1.72}}
