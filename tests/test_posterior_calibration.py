@@ -105,7 +105,7 @@ def guided_ancestral_reference(prior, latents, sigmas, y, mask, gen, sigma_data)
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
         x0 = prior(x, s).double()
         J = prior.U @ torch.diag(prior.lam / (prior.lam + s ** 2)) @ prior.U.T
-        s2 = s_min ** 2 + s ** 2 * sigma_data ** 2 / (s ** 2 + sigma_data ** 2)
+        s2 = s_min ** 2 + max(s ** 2 * sigma_data ** 2 / (s ** 2 + sigma_data ** 2), s ** 2 - sn ** 2)
         grad = (mask * (y - x0)) @ J / s2  # J^T m (y - x0) / s^2, J symmetric
         if sn == 0:
             x = x0
