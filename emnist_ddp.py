@@ -48,7 +48,7 @@ SCRIPT = "emnist_ddp"
 COMMON = dict(T=600, epochs=50, lr=1e-4, n_samples=47 * 100, grid_per_class=10, sample_batch=2350)
 PRESETS = {  # batch sizes are GLOBAL
     "small": dict(COMMON, image_size=28, channels=(64, 128, 256), batch_size=2048),
-    "cpu": dict(COMMON, image_size=28, channels=(24, 48, 96), batch_size=128, T=100, epochs=1000, max_minutes=30.0,
+    "cpu": dict(COMMON, image_size=28, channels=(24, 48, 96), batch_size=128, T=100, epochs=28, max_minutes=30.0,
                 lr=1e-3, warmup_steps=200, sample_batch=470),  # 2 CPU cores: 30 minutes of training
     "medium": dict(COMMON, image_size=64, channels=(64, 128, 256, 256), batch_size=384, sample_batch=940),
     "large": dict(COMMON, image_size=96, channels=(96, 192, 384, 384), batch_size=96, sample_batch=470),
