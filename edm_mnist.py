@@ -4,7 +4,7 @@ Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Ba
 exactly as a learner meets it in the paper (Table 1, Algorithm 2), on MNIST.
 
 Data x0 in [-1, 1]^(1x28x28), noised at level sigma:  x = x0 + sigma eps,  eps ~ N(0, I).
-Preconditioning: the denoiser D wraps a raw network F (a U-Net, the attribute `net` in the code):
+Preconditioning: the denoiser D wraps a raw network F (a residual U-Net at 28, 14 and 7 pixels; `net` in the code):
   D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))
   c_in    = 1 / sqrt(sigma^2 + sigma_data^2)          (unit-variance network input)
   c_skip  = sigma_data^2 / (sigma^2 + sigma_data^2)    (-> 1 as sigma -> 0: D(x, sigma) -> x)
@@ -25,9 +25,8 @@ Sampling: Karras schedule, i = 0..N-1, then sigma_N = 0:
                         x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) (d_i + d'_i) / 2                         (Heun)
   no correction on the last step to sigma = 0, so N steps cost 2N - 1 evaluations of D.
 Defaults: the paper's (sigma_data 0.5, P_mean -1.2, P_std 1.2, batch 128), 80 sampling steps (the paper's 18:
-  --sample-steps 18); a steps study scores N = 5, 10, 18, 40, 80. F: a residual U-Net at 28, 14 and 7 pixels with a
-  sinusoidal embedding [sin, cos] of c_noise. Resume is exact: epoch e's shuffle is a function of (seed, e) and every
-  step's noise comes from the training loop's generator, which the checkpoint holds.
+  --sample-steps 18); a steps study scores N = 5, 10, 18, 40, 80. Resume is exact: epoch e's shuffle is a function of
+  (seed, e) and every step's noise comes from the training loop's generator, which the checkpoint holds.
 
 Usage: python edm_mnist.py [--preset cpu] [--quick] [--epochs 25] [--sample-steps 18] [--sigma-data measured] ... ;
        python edm_mnist.py --checkpoint outputs/edm_mnist/RUN/checkpoint.pt   (sample and score only)
@@ -191,8 +190,7 @@ def edm_sampler(denoise, latents, sigmas, S_churn=0.0, S_min=0.0, S_max=float("i
 
 # ----------------------------------------------------------------------------- training
 def train(D, x, args, run, resume=None):
-    """AdamW after a linear warm-up, gradient norm clipped at 1.0, the EMA of the weights (module docstring); stops
-    after --train-steps (default: --epochs whole epochs)."""
+    """The module docstring's training, after a linear learning-rate warm-up, for --train-steps (default: --epochs)."""
     ema = copy.deepcopy(D).eval().requires_grad_(False)
     opt = torch.optim.AdamW(D.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(x) / args.batch_size)

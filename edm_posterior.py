@@ -50,19 +50,18 @@ import evaluate
 SCRIPT = "edm_posterior"
 PRESETS = {"full": dict(n_samples=100, sample_steps=18, judge_epochs=None),
            "quick": dict(n_samples=16, sample_steps=10, judge_epochs=0.05)}
+GRAY, HEAT = dict(cmap="gray", vmin=-1, vmax=1), dict(cmap="magma", vmin=0)  # imshow options: images, heat maps
 
 
 # ==== core: the method, with torch, numpy and math only (tests/test_core.py runs this span alone) ====
 def make_mask(kind, observed, seed, size=28):
     """m in {0, 1}^(1 x 1 x size x size), 1 = observed. random: exactly round(observed * size^2) pixels at random;
     box: all but a centred square holding (1 - observed) of the image; half: the top round(observed * size) rows."""
-    m = torch.zeros(size * size)
+    m = torch.zeros(1, 1, size, size)
     if kind == "random":
         k = round(observed * size * size)
-        m[torch.randperm(size * size, generator=torch.Generator().manual_seed(seed))[:k]] = 1.0
-        return m.reshape(1, 1, size, size)
-    m = m.reshape(1, 1, size, size)
-    if kind == "box":
+        m.view(-1)[torch.randperm(size * size, generator=torch.Generator().manual_seed(seed))[:k]] = 1.0
+    elif kind == "box":
         side = round(size * math.sqrt(1 - observed))
         lo = (size - side) // 2
         m.fill_(1.0)
@@ -112,8 +111,7 @@ def conjugate_gradient(op, b, iters):
 
 
 def tweedie_denoiser(D, x, sigma, y, mask, noise=0.0, cg_iters=5, sigma_data=0.5):
-    """E[x0 | x, y] = D + J^T m v (module docstring, --guidance tweedie): v from cg_iters steps of conjugate gradients,
-    one Jacobian-vector product each, or with cg_iters = 0 from PiGDM's diagonal J."""
+    """E[x0 | x, y] = D + J^T m v, v by cg_iters conjugate-gradient steps or PiGDM's diagonal J (module docstring)."""
     with torch.enable_grad():
         f = lambda z: D(z, sigma)  # noqa: E731
         x0, pullback = torch.func.vjp(f, x)
@@ -132,7 +130,7 @@ def posterior_sampler(D, latents, sigmas, y, mask, guidance="tweedie", lambda_ma
     With mask all zero and no guidance this is edm_mnist.edm_sampler (no churn), operation for operation."""
     N, obs = len(sigmas) - 1, mask.bool()
 
-    def drift(x, sigma, lam):  # dx/dsigma with the guided x0_hat
+    def drift(x, sigma, lam):  # dx/dsigma with the guided x0_hat (dps: D's own; its guidance is a step of its own)
         if guidance == "tweedie":
             return (x - tweedie_denoiser(D, x, sigma, y, mask, noise, cg_iters, sigma_data)) / sigma
         x0 = D(x, sigma)
@@ -145,14 +143,12 @@ def posterior_sampler(D, latents, sigmas, y, mask, guidance="tweedie", lambda_ma
     for i in range(N):
         t_cur, t_next, x_cur = float(sigmas[i]), float(sigmas[i + 1]), x_next
         lam = lambda_schedule(i, N, lambda_max, lambda_min, power)
-        if guidance == "dps":
+        if guidance == "dps":  # x0_hat and the gradient of the residual's norm, from one call of D
             x0, grad = dps_gradient(D, x_cur, t_cur, y, mask)
-            d_cur = (x_cur - x0) / t_cur
-        else:
-            d_cur = drift(x_cur, t_cur, lam)
+        d_cur = (x_cur - x0) / t_cur if guidance == "dps" else drift(x_cur, t_cur, lam)
         x_next = x_cur + (t_next - t_cur) * d_cur                       # Euler step
         if t_next > 0:                                                  # Heun correction (not on the step to 0)
-            d_prime = (x_next - D(x_next, t_next)) / t_next if guidance == "dps" else drift(x_next, t_next, lam)
+            d_prime = drift(x_next, t_next, lam)
             x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
         if guidance == "dps":
             x_next = x_next - zeta * grad
@@ -185,8 +181,7 @@ def smc_sampler(D, latents, sigmas, y, mask, particles=16, noise=0.0, sigma_data
     overshoot y on a coarse grid),
     and weighted by w <- w p(x' | x) p~(y | x') / (q(x' | x) p~(y | x)); resampled (systematically) whenever a draw's
     effective sample size falls under K / 2. At sigma' = 0 the move is x' = x0_hat. Each draw returns one particle
-    picked by its final weight. As K grows the draws approach p(x | y) (for a prior whose kernel is exact); K = 1 is
-    the guided ancestral sampler alone."""
+    picked by its final weight. As K grows the draws approach p(x | y) (for a prior whose kernel is exact)."""
     K, N, s_min = particles, len(sigmas) - 1, float(sigmas[-2])
     B, obs = len(latents) // particles, mask.bool()
 
@@ -231,32 +226,21 @@ def smc_sampler(D, latents, sigmas, y, mask, particles=16, noise=0.0, sigma_data
 # ==== end of core ====
 
 
-# ----------------------------------------------------------------------------- data and sampling
-def ground_truth(dataset, root, digit, index):
-    """The index-th test image of class `digit` (1 x 1 x 28 x 28 in [-1, 1])."""
-    x, y = common.load_image_dataset(dataset, root, train=False)
-    idx = (y == digit).nonzero().flatten()
-    if index >= len(idx):
-        raise common.UsageError(f"--index {index}: the {dataset} test split has only {len(idx)} images of digit "
-                                f"{digit}")
-    return x[idx[index]].unsqueeze(0)
-
-
+# ----------------------------------------------------------------------------- sampling
 def draw(D, y, mask, n, args, seed, device, batch=256, desc="posterior", progress=None, clamp=True):
     """n posterior draws on the CPU (clamped to [-1, 1] for images) with the sampler args.guidance picks, in batches;
     batch b uses the generator seed + b, so any batch can be redrawn alone (svd_posterior.py resumes this way).
     D is the trained denoiser or an exact one (posterior_calibration.py): the same D(x, sigma) call."""
-    K = args.particles if args.guidance == "smc" else 1  # smc: 2N - 1 moves, as many calls of D as Heun's N steps
-    sigmas = edm_mnist.karras_sigmas(2 * args.sample_steps - 1 if K > 1 or args.guidance == "smc" else
-                                     args.sample_steps, args.sigma_min, args.sigma_max, args.rho)
+    smc = args.guidance == "smc"  # 2N - 1 moves: as many calls of D as Heun's N steps
+    K, steps = (args.particles, 2 * args.sample_steps - 1) if smc else (1, args.sample_steps)
+    sigmas = edm_mnist.karras_sigmas(steps, args.sigma_min, args.sigma_max, args.rho)
     y, mask, out, sigma_data = y.to(device), mask.to(device), [], getattr(D, "sigma_data", 0.5)
     sizes = [min(batch, n - i) for i in range(0, n, batch)]
     for b, size in enumerate(common.progress_bar(sizes, desc=desc, leave=False)):
         gen = torch.Generator().manual_seed(seed + b)
         latents = torch.randn((size * K, *y.shape[1:]), generator=gen).to(device)
         on_step = progress and (lambda k, N, b=b: progress(b + k / N, len(sizes)))
-        x = smc_sampler(D, latents, sigmas, y, mask, K, args.measurement_noise, sigma_data, gen, on_step) \
-            if args.guidance == "smc" else \
+        x = smc_sampler(D, latents, sigmas, y, mask, K, args.measurement_noise, sigma_data, gen, on_step) if smc else \
             posterior_sampler(D, latents, sigmas, y, mask, args.guidance, args.lambda_max, args.lambda_min, args.power,
                               args.likelihood_sigma, args.noise_aware_c, args.zeta, gen, on_step,
                               args.measurement_noise, args.cg_iters, sigma_data)
@@ -265,28 +249,22 @@ def draw(D, y, mask, n, args, seed, device, batch=256, desc="posterior", progres
 
 
 # ----------------------------------------------------------------------------- evaluation
-def psnr(mse):
-    """10 log10(1 / MSE) for an MSE measured on the [0, 1] pixel scale."""
-    return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
-
-
 def posterior_metrics(draws, x_true, y, mask, digit, judge):
     """The posterior mean's error on the unobserved pixels, the draws' error on the observed ones, the judge's view."""
+    psnr = lambda mse: 10 * math.log10(1 / mse) if mse > 0 else float("inf")  # noqa: E731  MSE on the [0, 1] scale
     mean, std = draws.mean(0, keepdim=True), draws.std(0, keepdim=True) if len(draws) > 1 else torch.zeros_like(x_true)
     hidden, obs = mask == 0, mask == 1
     mse = float((((mean - x_true) / 2)[hidden] ** 2).mean()) if hidden.any() else 0.0  # /2: [-1, 1] -> [0, 1]
     per_draw = (((draws - x_true) / 2) ** 2 * hidden).flatten(1).sum(1) / hidden.sum().clamp(min=1)
-    worst_observed = (draws - y).abs().amax(dim=0, keepdim=True)[obs]
     _, probs = evaluate.judge_outputs(judge, draws, "cpu")
     return {"observed_fraction": round(float(mask.mean()), 4), "n_observed_pixels": int(mask.sum()),
             "n_draws": len(draws), "mse_unobserved": mse, "psnr_unobserved": psnr(mse) if hidden.any() else None,
             "mean_draw_psnr_unobserved": sum(map(psnr, per_draw.tolist())) / len(per_draw) if hidden.any() else None,
-            "observed_max_abs_error": float(worst_observed.max()) if obs.any() else 0.0,
+            "observed_max_abs_error": float((draws - y).abs().amax(0, keepdim=True)[obs].max()) if obs.any() else 0.0,
             "judge_accuracy": float((probs.argmax(1) == digit).float().mean()),
             "judge_true_digit_prob": float(probs[:, digit].mean()),
-            "judge_mean_top_prob": float(probs.max(1).values.mean()),
-            "mean_posterior_std": float(std.mean()), "mean_posterior_std_unobserved":
-                float(std[hidden].mean()) if hidden.any() else 0.0}, mean, std
+            "judge_mean_top_prob": float(probs.max(1).values.mean()), "mean_posterior_std": float(std.mean()),
+            "mean_posterior_std_unobserved": float(std[hidden].mean()) if hidden.any() else 0.0}, mean, std
 
 
 def figure_row(path, panels, title):
@@ -301,9 +279,6 @@ def figure_row(path, panels, title):
             fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=9)
     common.save_fig(fig, path)
-
-
-GRAY, HEAT = dict(cmap="gray", vmin=-1, vmax=1), dict(cmap="magma", vmin=0)
 
 
 def tag(observed):
@@ -355,17 +330,23 @@ def check_args(p, args):
         p.error("--likelihood-sigma and --noise-aware-c are both 0: the likelihood variance would be 0")
 
 
-def load_prior(args, device):
-    """The EDM denoiser (its schedule and dataset copied onto args), or the exact Gaussian prior."""
+def load_inputs(args, device):
+    """The prior: the EDM denoiser (its schedule and dataset copied onto args) or the exact Gaussian prior; and x*, the
+    --index-th test image of class --digit (1 x 1 x 28 x 28 in [-1, 1])."""
     if args.exact_prior:
         import posterior_calibration  # it imports this script
         x, labels, _, _ = common.load_image_dataset("mnist", args.data_root, train=True, val_size=0)
         vars(args).update(sigma_min=0.002, sigma_max=80.0, rho=7.0, dataset="mnist")
-        return posterior_calibration.mnist_priors(x, labels)[0]
-    D, ckpt = edm_mnist.load_denoiser(args.checkpoint, device)
-    for k in ("sigma_min", "sigma_max", "rho", "dataset"):
-        setattr(args, k, ckpt["config"][k])
-    return D
+        D = posterior_calibration.mnist_priors(x, labels)[0]
+    else:
+        D, ckpt = edm_mnist.load_denoiser(args.checkpoint, device)
+        vars(args).update({k: ckpt["config"][k] for k in ("sigma_min", "sigma_max", "rho", "dataset")})
+    x, y = common.load_image_dataset(args.dataset, args.data_root, train=False)
+    idx = (y == args.digit).nonzero().flatten()
+    if args.index >= len(idx):
+        raise common.UsageError(f"--index {args.index}: only {len(idx)} images of digit {args.digit} in the "
+                                f"{args.dataset} test split")
+    return D, x[idx[args.index]].unsqueeze(0)
 
 
 def parse_args(argv=None):
@@ -381,8 +362,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.get_device(args.device)
     torch.manual_seed(args.seed)
-    D = load_prior(args, device)  # bad input is found before the run folder exists
-    x_true = ground_truth(args.dataset, args.data_root, args.digit, args.index)
+    D, x_true = load_inputs(args, device)  # bad input is found before the run folder exists
     run = common.Run(SCRIPT, args)
     judge = evaluate.get_judge(args.dataset, args.data_root, args.out, "cpu", args.judge_epochs)["model"]
     run.log(device=str(device), digit=args.digit, guidance=args.guidance, sample_steps=args.sample_steps,
@@ -397,16 +377,14 @@ def main(argv=None):
                      f"{name} posterior", lambda b, nb: run.progress(name, e * nb + b, len(args.observed) * nb))
         secs = time.time() - t0
         m, mean, std = posterior_metrics(draws, x_true, y, mask, args.digit, judge)
-        m.update(seconds=round(secs, 2), seconds_per_draw=round(secs / len(draws), 4))
-        results[name] = m
+        results[name] = dict(m, seconds=round(secs, 2), seconds_per_draw=round(secs / len(draws), 4))
         run.log(experiments=results)
         torch.save({"draws": draws, "x_true": x_true, "y": y, "mask": mask, "digit": args.digit},
                    run.path(f"draws_{name}.pt"))
         title = f"{args.guidance} guidance, {args.mask} mask, {100 * observed:g}% observed, {args.sample_steps} steps"
-        seen = torch.where(mask.bool(), y, torch.zeros_like(y))  # grey = unknown
-        figure_row(run.path(f"setup_{name}.png"), [(x_true, "ground truth", GRAY), (mask * 2 - 1, "mask (white = seen)",
-                   GRAY), (seen, "observed y", GRAY)] + [(d[None], f"draw {j + 1}", GRAY) for j, d in
-                                                         enumerate(draws[:6])], title)
+        panels = [(x_true, "ground truth", GRAY), (mask * 2 - 1, "mask (white = seen)", GRAY), (y, "observed y", GRAY)]
+        panels += [(d[None], f"draw {j + 1}", GRAY) for j, d in enumerate(draws[:6])]  # y is 0 (grey) off the mask
+        figure_row(run.path(f"setup_{name}.png"), panels, title)
         common.image_grid(run.path(f"samples_{name}.png"), draws[:100], nrow=10, title=f"posterior draws: {title}")
         figure_row(run.path(f"mean_std_{name}.png"), [(x_true, "ground truth", GRAY), (mean, "posterior mean", GRAY),
                    (std, "per-pixel std", HEAT), ((mean - x_true).abs() * (1 - mask), "|mean - truth| (hidden)", HEAT)],

@@ -14,13 +14,12 @@ Ancestral sampling, x_T ~ N(0, I): x0_hat = clip((x_t - sqrt(1 - alpha_bar_t) ep
             + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t + sigma_t z,
   sigma_t^2 = beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t  (no noise at t = 1).
 Data: EMNIST balanced, 47 classes (look-alike upper- and lower-case merged), upright, in [-1, 1], resized on the device.
-Distributed: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE (one machine or several, under Slurm or not); without them this
-  is one process. Batch sizes are GLOBAL: each of the W ranks takes batch/W of a batch whose noise is drawn whole
+Distributed: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE (on one machine or several, see Usage); without them this is
+  one process. Batch sizes are GLOBAL: each of the W ranks takes batch/W of a batch whose noise is drawn whole
   (global_batch_noise), so W ranks compute exactly the 1-process batch: weights agree to float rounding, and a
   checkpoint resumes exactly with any W that divides the batch. Only rank 0 writes, samples and scores. Bad input
   stops every rank before the process group forms; a NaN loss, Ctrl-C or SIGTERM stops all at the same step; a rank
-  that dies is named and the run failed; a group torchrun restarts continues from the last checkpoint
-  (common.Processes).
+  that dies is named and the run failed; a group torchrun restarts goes on from the last checkpoint (common.Processes).
 
 Usage: python emnist_ddp.py --preset cpu --data-root ../shared/data
        torchrun --standalone --nproc_per_node=4 emnist_ddp.py --preset medium       (one machine, 4 GPUs or CPU procs)
@@ -229,9 +228,8 @@ def load_data(args):
 
 # ----------------------------------------------------------------------------- training
 def global_batch_noise(gen, args, dd):
-    """i, eps and the label-dropout mask for the WHOLE global batch, from the loop's generator (the same stream on
-    every rank, saved in the checkpoint); this rank keeps positions rank::world, the ones DistributedSampler gave its
-    share of the batch. So any world size computes the 1-process batch."""
+    """i, eps and the label-dropout mask for the WHOLE global batch (module docstring), from loop.gen (the same stream
+    on every rank, saved in the checkpoint); this rank keeps positions rank::world, its DistributedSampler share."""
     B, S = args.batch_size, args.image_size
     i, eps = torch.randint(0, args.T, (B,), generator=gen), torch.randn((B, 1, S, S), generator=gen)
     drop = torch.rand(B, generator=gen) < args.p_uncond
@@ -274,25 +272,25 @@ def table(history, losses):
     return out
 
 
-def write_metrics(run, args, dd, rows):
+def write_metrics(run, args, dd, rows, checkpoint=None, epoch=0):
     """metrics.csv (a row per window), metrics_snapshot.json (config, world size, rows) and the last row in
-    metrics.json; each file written whole, then renamed: a reader never sees half a file."""
+    metrics.json; at the end of `epoch` (0: not an epoch's end) a named copy of `checkpoint`. Each file is written
+    whole, then renamed: a reader never sees half a file."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
     run._write(run.path("metrics.csv"), "\n".join(lines) + "\n")
     run._write(run.path("metrics_snapshot.json"), {"config": vars(args), "world_size": dd.world, "epochs": rows})
     run.log(last_epoch=rows[-1], world_size=dd.world, restarts=dd.restarts)
-
-
-def checkpoint_name(args, epoch):
-    c = "-".join(str(v) for v in args.channels)
-    return f"{args.dataset}_{args.preset}_{args.image_size}px_c{c}_T{args.T}_b{args.batch_size}_epoch{epoch:03d}.pt"
+    if epoch:
+        c = "-".join(str(v) for v in args.channels)
+        name = f"{args.dataset}_{args.preset}_{args.image_size}px_c{c}_T{args.T}_b{args.batch_size}_epoch{epoch:03d}.pt"
+        shutil.copyfile(checkpoint, f"{checkpoint}.tmp")
+        os.replace(f"{checkpoint}.tmp", run.path(f"checkpoints/{name}"))
 
 
 def train(args, x, y, model, ema, device, dd, run, resume):
     """Every rank runs this on its share of each global batch; rank 0 (the one with a run) writes. Adam with an optional
-    linear warm-up, the global gradient norm clipped, the EMA on the unwrapped module. checkpoints/latest.pt and the
-    metrics are written every --eval-every steps and at each epoch's end, which also gets a named copy."""
+    linear warm-up, the global gradient norm clipped, the EMA on the unwrapped module."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps or 1)))
     sched, steps, grad_norms, t0 = Schedule(cosine_beta(args.T), device), len(x) // args.batch_size, [], time.time()
@@ -321,16 +319,9 @@ def train(args, x, y, model, ema, device, dd, run, resume):
             loop.evaluate(**window_row(loop, model, ema, opt, args, device, grad_norms, t0, steps))
             grad_norms, t0 = [], time.time()
             if run:
-                publish(run, args, dd, loop, epoch + 1 if k + 1 == steps else 0)
+                write_metrics(run, args, dd, table(loop.history, loop.s["losses"]), loop.path,
+                              epoch + 1 if k + 1 == steps else 0)
     return loop
-
-
-def publish(run, args, dd, loop, epoch):
-    """After each checkpoint: the metrics files; at the end of `epoch` (0: not an epoch's end) its named copy."""
-    write_metrics(run, args, dd, table(loop.history, loop.s["losses"]))
-    if epoch:
-        shutil.copyfile(loop.path, f"{loop.path}.tmp")  # then rename: never half a file
-        os.replace(f"{loop.path}.tmp", run.path(f"checkpoints/{checkpoint_name(args, epoch)}"))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -362,27 +353,10 @@ def progression(eps_model, sched, args, device, run):
 
 
 # ----------------------------------------------------------------------------- evaluation: plots, report
-def plot_panels(path, epochs, panels, ncols=1):
-    """panels: [(title, {label: ys}, opts)] against the epoch; opts: log=True, band=(lo, hi), ylabel."""
-    import matplotlib.pyplot as plt
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
-    for ax, (title, series, opts) in zip(axes.flat, panels):
-        for label, ys in series.items():
-            ax.plot(epochs, ys, "o-", ms=3, label=label)
-        if "band" in opts:
-            ax.fill_between(epochs, *opts["band"], alpha=0.25, label="+- 1 sigma")
-        ax.set(title=title, xlabel="epoch", ylabel=opts.get("ylabel", ""), yscale="log" if "log" in opts else "linear")
-        ax.grid(alpha=0.3)
-        if len(series) > 1 or "band" in opts:
-            ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    common.save_fig(fig, path)
-
-
 def training_plots(run, rows):
-    """One PNG per panel, and a 3 x 3 dashboard of the first nine."""
+    """One PNG per panel against the epoch, and a 3 x 3 dashboard of the first nine. A panel is (title, {label: ys},
+    opts), opts: log=True, band=(lo, hi), ylabel."""
+    import matplotlib.pyplot as plt
     col = {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in rows[-1]}
     m, s = col["loss_mean"], col["loss_std"]
     panels = {
@@ -399,9 +373,21 @@ def training_plots(run, rows):
         "loss_derivative": ("d loss / d epoch", {"derivative": np.gradient(m, col["epoch"]) if len(m) > 1 else 0 * m},
                             {}),
     }
-    for name, panel in panels.items():
-        plot_panels(run.path(f"{name}.png"), col["epoch"], [panel])
-    plot_panels(run.path("dashboard.png"), col["epoch"], list(panels.values())[:9], ncols=3)
+    for name, group, ncols in [*((k, [panel], 1) for k, panel in panels.items()),
+                               ("dashboard", list(panels.values())[:9], 3)]:
+        nrows = math.ceil(len(group) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
+        for ax, (title, series, opts) in zip(axes.flat, group):
+            for label, ys in series.items():
+                ax.plot(col["epoch"], ys, "o-", ms=3, label=label)
+            if "band" in opts:
+                ax.fill_between(col["epoch"], *opts["band"], alpha=0.25, label="+- 1 sigma")
+            ax.set(title=title, xlabel="epoch", ylabel=opts.get("ylabel", ""),
+                   yscale="log" if "log" in opts else "linear")
+            ax.grid(alpha=0.3)
+            if len(series) > 1 or "band" in opts:
+                ax.legend(fontsize=7)
+        common.save_fig(fig, run.path(f"{name}.png"))
 
 
 def write_report(run, args, world, rows, scores):
@@ -417,8 +403,7 @@ def write_report(run, args, world, rows, scores):
     lines += ["", "## Plots", ""] + [f"- [{f}]({f})" for f in sorted(os.listdir(run.dir)) if f[-4:] in (".png", ".gif")]
     lines += ["", "Intended use: a reference implementation. Samples are synthetic handwriting; the judge scores are "
               "on 28 x 28 and on the data root used (a reduced EMNIST gives figures not comparable with the full one)."]
-    with open(run.path("report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    run._write(run.path("report.md"), "\n".join(lines) + "\n")
 
 
 def evaluate_run(ema, args, device, run, rows, dd):
@@ -516,10 +501,9 @@ def prepare(dd):
         args = common.resumed(args, ckpt if args.resume else {"loop": None, **ckpt},
                               may_change=("epochs", "max_minutes", "eval_every", "checkpoint", *SAMPLING))
         args.channels, args.no_sample = tuple(args.channels), args.no_sample and not args.checkpoint
-    levels = len(args.channels)
     if args.batch_size % dd.world:
         raise common.UsageError(f"global --batch-size {args.batch_size} is not divisible by the world size {dd.world}")
-    if levels < 2 or args.image_size % 2 ** (levels - 1):
+    if len(args.channels) < 2 or args.image_size % 2 ** (len(args.channels) - 1):
         raise common.UsageError(f"--image-size {args.image_size} and --channels {args.channels}: need at least 2 "
                                 f"levels and a size divisible by 2^(levels - 1)")
     if len(args.progress_char) != 1:

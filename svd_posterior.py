@@ -177,8 +177,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.get_device(args.device)
     torch.manual_seed(args.seed)
-    D = edm_posterior.load_prior(args, device)  # bad input is found before the run folder exists
-    x_true = edm_posterior.ground_truth(args.dataset, args.data_root, args.digit, args.index)
+    D, x_true = edm_posterior.load_inputs(args, device)  # bad input is found before the run folder exists
     settings = [draw_settings(args, observed, args.seed + 1000 * e) for e, observed in enumerate(args.observed)]
     old = os.path.join(args.out, SCRIPT, args.run_id) if args.run_id else None  # a rerun continues what is there
     saved = [[old and load_saved(os.path.join(old, f"{kind}_{edm_posterior.tag(o)}.pt"), s)
