@@ -8,15 +8,15 @@ The posterior's own denoiser is E[x0 | x, y] = D + sigma^2 grad_x log p(y | x), 
 dx/dsigma = (x - E[x0 | x, y]) / sigma, carries N(0, sigma_max^2 I) to p(x | y). The samplers differ in how they
 get E[x0 | x, y]:
 
---guidance tweedie (default): the likelihood's score through the denoiser. Tweedie's second moment gives
+--guidance smc (default): the twisted diffusion sampler (Wu, Trippe, Naesseth, Blei, Cunningham 2023), sequential
+  Monte Carlo with --particles K (8) per draw over 2N - 1 ancestral moves (equations at smc_sampler). Asymptotically
+  exact as K grows; K = 1 is its proposal, a guided ancestral sampler, alone.
+--guidance tweedie: the likelihood's score through the denoiser. Tweedie's second moment gives
   Cov[x0 | x] = sigma^2 J, J = dD/dx; taking p(x0 | x) as the Gaussian N(D, sigma^2 J) (exact for a Gaussian prior):
     E[x0 | x, y] = D + J^T m v,   (m J m + (noise / sigma)^2 I) v = m (y - D)
   solved per draw by --cg-iters steps of conjugate gradients, each one Jacobian-vector product; --cg-iters 0 takes
   J = sigma_data^2 / (sigma^2 + sigma_data^2) I instead (PiGDM's diagonal, Song, Vahdat, Mardani, Kautz 2023).
   Heun's method on that ODE; no data consistency step is needed; the output's observed pixels are set to y.
---guidance smc: the twisted diffusion sampler (Wu, Trippe, Naesseth, Blei, Cunningham 2023), sequential Monte Carlo
-  with --particles K per draw (equations at smc_sampler). Asymptotically exact as K grows; K = 1 is its proposal,
-  a guided ancestral sampler, alone.
 --guidance dps: Diffusion Posterior Sampling (Chung, Kim, McCann, Klasky, Ye 2023): after each Heun step
   x_{i+1} <- x_{i+1} - zeta grad_x || m (y - D(x, sigma_i)) ||, the unsquared norm per sample, zeta constant.
 --guidance masked: the residual heuristic this script began with, kept exactly as it was:
@@ -36,7 +36,7 @@ share of draws the judge (evaluate.py) classifies as the true digit, its confide
 standard deviation. Each fraction's files carry its tag: obs70 for 0.7, obs70p1 for 0.701.
 
 Usage: python edm_posterior.py --checkpoint outputs/edm_mnist/RUN/checkpoint.pt [--observed 0.7,0.2] [--digit 7]
-       [--guidance tweedie|smc|dps|masked|none] [--mask random|box|half] [--sample-steps 80] [--quick]
+       [--guidance smc|tweedie|dps|masked|none] [--mask random|box|half] [--sample-steps 18] [--quick]
 """
 import math
 import time
