@@ -191,6 +191,25 @@ def test_classifier_guidance_quick_outputs(ddpm_run, tmp_path):
         assert os.path.getsize(os.path.join(d, f)) > 0, f
 
 
+def test_course_format_file_end_to_end(tmp_path):
+    """A point set in the course's file format (another draw of the outlines, more jitter) through both scripts at
+    their defaults (quick budgets): every state of the file gets its on-target share and NLL against its own floor."""
+    x, y = ddpm_states.make_states(200, seed=7, jitter=0.03)
+    path = tmp_path / "course.pt"
+    torch.save({"data": x, "labels": y}, path)
+    out = str(tmp_path / "out")
+    r = run_script("ddpm_states.py", "--quick", "--data", str(path), "--out", out, "--run-id", "c")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("classifier_guidance_states.py", "--quick", "--data", str(path), "--out", out, "--run-id", "c",
+                   "--checkpoint", os.path.join(out, "ddpm_states", "c", "denoiser.pt"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = read(os.path.join(out, "classifier_guidance_states", "c"), "metrics.json")
+    assert len(m["per_state"]) == 5 and m["w"] == 1.1  # the default scale
+    for v in m["per_state"].values():
+        assert 0 <= v["on_state"] <= 1 and math.isfinite(v["nll"]) and math.isfinite(v["nll_floor"])
+    assert m["min_on_state"] > 0.5
+
+
 # ----------------------------------------------------------------------------- bad input
 MODULES = {"ddpm_states.py": ddpm_states, "classifier_guidance_states.py": classifier_guidance_states}
 
