@@ -9,6 +9,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -116,6 +117,9 @@ def emnist(run):
     rows = [torch.cat([x[y == k][:1] for k in range(i, min(i + 16, len(classes)))]) for i in range(0, len(classes), 16)]
     image_rows(rows, ["" for _ in rows], "emnist_chars.png", "emnist_ddp.py: one sample per class, in class order "
                f"({''.join(classes)})", scale=0.4)
+    if os.path.isfile(os.path.join(run, "chars.png")):  # the run's --chars grid, as it drew it
+        shutil.copyfile(os.path.join(run, "chars.png"), os.path.join(IMG, "emnist_string.png"))
+        print(f"{os.path.join(IMG, 'emnist_string.png')}: copied from {run}")
 
 
 def main():
