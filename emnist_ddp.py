@@ -48,7 +48,7 @@ COMMON = dict(T=600, epochs=50, lr=1e-4, n_samples=47 * 100, grid_per_class=10, 
 PRESETS = {  # batch sizes are GLOBAL
     "small": dict(COMMON, image_size=28, channels=(64, 128, 256), batch_size=2048),
     "cpu": dict(COMMON, image_size=28, channels=(24, 48, 96), batch_size=128, T=100, epochs=28, max_minutes=30.0,
-                lr=1e-3, warmup_steps=200, sample_batch=470),  # 2 CPU cores: 30 minutes of training
+                lr=1e-3, warmup_steps=200, sample_batch=470, w=1.5),  # 2 CPU cores: 30 min; w from a sweep
     "medium": dict(COMMON, image_size=64, channels=(64, 128, 256, 256), batch_size=384, sample_batch=940),
     "large": dict(COMMON, image_size=96, channels=(96, 192, 384, 384), batch_size=96, sample_batch=470),
     "xl": dict(COMMON, image_size=128, channels=(128, 256, 512, 512), batch_size=32, sample_batch=235),
@@ -462,7 +462,8 @@ def build_parser():
     p.add_argument("--resume", default=None, help="checkpoints/latest.pt (or an epoch's copy): continue training it; "
                    "auto: the --run-id run's latest.pt if there is one (what a group torchrun restarts does)")
     p.add_argument("--checkpoint", default=None, help="a trained checkpoint to sample and score, without training")
-    p.add_argument("--w", type=num(float, 0), default=2.0, help="guidance weight (0 uncond, 1 cond, >1 guided)")
+    p.add_argument("--w", type=num(float, 0), default=2.0,
+                   help="guidance weight (0 uncond, 1 cond, >1 guided; --preset cpu: 1.5)")
     p.add_argument("--n-samples", type=num(int, 2, 10**6), help="samples scored by the judge, balanced over classes")
     p.add_argument("--grid-per-class", type=num(int, 1, 1000), help="samples per class in the grids")
     p.add_argument("--sample-batch", type=num(int, 1, 10**5), help="images per sampling batch")
