@@ -193,7 +193,8 @@ def test_classifier_guidance_quick_outputs(ddpm_run, tmp_path):
 
 def test_course_format_file_end_to_end(tmp_path):
     """A point set in the course's file format (another draw of the outlines, more jitter) through both scripts at
-    their defaults (quick budgets): every state of the file gets its on-target share and NLL against its own floor."""
+    their defaults (quick budgets): a share on target and a finite NLL and floor for each of the file's five states,
+    and even the worst state mostly on target."""
     x, y = ddpm_states.make_states(200, seed=7, jitter=0.03)
     path = tmp_path / "course.pt"
     torch.save({"data": x, "labels": y}, path)
