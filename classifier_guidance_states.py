@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import harness
 import ddpm_states
 
 SCRIPT = "classifier_guidance_states"
@@ -96,7 +97,7 @@ def train_classifier(clf, sched, x, y, xv, yv, args, run, resume=None):
     iv = torch.randint(0, sched.T, (len(xv),), generator=g).to(device)
     xv_t = ddpm_states.q_sample(xv, iv, torch.randn(xv.shape, generator=g).to(device), sched)
     state = {"model": clf, "optimizer": opt, "lr_sched": lr_sched}
-    loop = common.TrainLoop(run, args.train_steps, args.eval_every, state, args.seed, vars(args),
+    loop = harness.TrainLoop(run, args.train_steps, args.eval_every, state, args.seed, vars(args),
                             run.path("classifier.pt"), "classifier", resume)
     for step in loop:
         idx = torch.randint(0, len(x), (args.batch_size,), generator=loop.gen).to(device)
@@ -176,7 +177,8 @@ def guidance_sweep(eps_model, clf, sched, data, names, args, run):
     axes[0].axhline(0.99, color="grey", ls=":", lw=1)
     axes[1].axhline(0.1, color="grey", ls=":", lw=1)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"classifier guidance: on-state share and NLL gap against the scale ({args.sweep_n} samples per state)")
+    fig.suptitle("classifier guidance: on-state share and NLL gap against the scale "
+                 f"({args.sweep_n} samples per state)")
     common.save_fig(fig, run.path("guidance_sweep.png"))
     return rows
 
@@ -219,7 +221,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="denoiser.pt from ddpm_states.py (default: train one here)")
     ddpm_states.add_data_args(p)
     p.add_argument("--w", type=common.num(float, 0, 1000), default=1.1,
-                   help="guidance scale s (0: unguided DDIM; 1.1: chosen by the sweep, docs/classifier_guidance_states.md)")
+                   help="guidance scale s (0: unguided DDIM; 1.1: chosen by the sweep, "
+                        "docs/classifier_guidance_states.md)")
     p.add_argument("--n-samples", type=common.num(int, 1, 10**6), help="samples per state")
     p.add_argument("--sample-batch", type=common.num(int, 1, 10**6), default=25000,
                    help="points per guided-sampling batch (lower it if memory is short)")
@@ -235,15 +238,15 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    resume = common.load_checkpoint(args.resume, SCRIPT, "classifier") if args.resume else None
-    args = common.resumed(args, resume, ("w", "n_samples", "sample_batch", "sweep_w", "sweep_n")) if resume else args
+    resume = harness.load_checkpoint(args.resume, SCRIPT, "classifier") if args.resume else None
+    args = harness.resumed(args, resume, ("w", "n_samples", "sample_batch", "sweep_w", "sweep_n")) if resume else args
     device = common.get_device(args.device)
     x, y, xv, yv = (v.to(device) for v in ddpm_states.load_data(args))  # bad input fails here, before the run folder
     if args.checkpoint:
         ddpm_states.load_denoiser(args.checkpoint, device)
     names = ddpm_states.STATE_NAMES if not args.data else [str(k) for k in range(int(y.max()) + 1)]
 
-    run = common.Run(SCRIPT, args)
+    run = harness.Run(SCRIPT, args)
     print(f"run folder: {run.dir}  device: {device}")
     t0 = time.time()
     eps_model, sched = denoiser(args, run, x, xv, device)
@@ -284,4 +287,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.main(main)
+    harness.main(main)

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 import common
+import harness
 import ddpm_mnist_cfg
 import evaluate
 
@@ -201,21 +202,16 @@ def study(eps_model, sched, dataset, args, run):
 
 def figure_quality(path, rows, no_eval):
     """Seconds per sample against steps, and (when scored) FID against steps and against seconds per sample."""
-    import matplotlib.pyplot as plt
-    panels = [("steps", "s_per_sample")] + ([] if no_eval else [("steps", "fid"), ("s_per_sample", "fid")])
+    axes = [("steps", "s_per_sample")] + ([] if no_eval else [("steps", "fid"), ("s_per_sample", "fid")])
     names = {"steps": "steps (model calls)", "s_per_sample": "seconds per sample", "fid": f"FID (N = {rows[0]['n']})"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-    for ax, (xk, yk) in zip(axes[0], panels):
-        for eta in sorted({r["eta"] for r in rows if r["sampler"] == "DDIM"}):
-            rs = [r for r in rows if r["sampler"] == "DDIM" and r["eta"] == eta]
-            ax.plot([r[xk] for r in rs], [r[yk] for r in rs], "o-", label=f"DDIM eta={eta:g}")
-        ax.plot(rows[0][xk], rows[0][yk], "k*", ms=12, label=f"DDPM, T={rows[0]['steps']}")
-        if yk == "fid" and rows[0].get("fid_floor") is not None:
-            ax.axhline(rows[0]["fid_floor"], color="k", ls="--", lw=0.8, label="real-data floor")
-        ax.set(xscale="log", yscale="log", xlabel=names[xk], ylabel=names[yk])
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    common.save_fig(fig, path)
+    ddim = {}  # eta -> its rows
+    for r in sorted(rows[1:], key=lambda r: r["eta"]):  # rows[0] is the DDPM
+        ddim.setdefault(r["eta"], []).append(r)
+    common.plot_panels(path, [dict(
+        curves={**{f"DDIM eta={eta:g}": ([r[x] for r in ddim[eta]], [r[y] for r in ddim[eta]], "o-") for eta in ddim},
+                f"DDPM, T={rows[0]['steps']}": ([rows[0][x]], [rows[0][y]], "k*", {"ms": 12})},
+        xlabel=names[x], ylabel=names[y], logx=True, logy=True, floor=rows[0].get("fid_floor") if y == "fid" else None)
+        for x, y in axes], size=(4.5, 3.8))
 
 
 @torch.no_grad()
@@ -380,7 +376,7 @@ def main(argv=None):
     args.steps = [s for s in steps if s <= T]
     x_test, y_test = common.load_image_dataset(cfg["dataset"], args.data_root, train=False)
     idx = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(args.seed))  # held-out digits, shuffled
-    run = common.Run(SCRIPT, args)
+    run = harness.Run(SCRIPT, args)
     if targs is not None:  # --quick without a checkpoint: ddpm_mnist_cfg's training, checkpoint.pt in this run
         eps_model, sched = train_tiny(targs, data, run, args.device)
     run.log(T=T, schedule=cfg["schedule"], w=args.w, spacing=args.spacing, steps=args.steps, etas=args.etas,
@@ -397,4 +393,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main(main)
+    harness.main(main)

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import harness
 import evaluate
 
 SCRIPT = "ddpm_mnist_cfg"
@@ -234,7 +235,7 @@ def train(eps_model, sched, data, args, run, resume=None):
     ema = copy.deepcopy(eps_model).requires_grad_(False)
     opt = torch.optim.AdamW(eps_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=args.lr_patience)
-    loop = common.TrainLoop(run, args.train_steps, args.eval_every, {"model": eps_model, "ema": ema, "optimizer": opt,
+    loop = harness.TrainLoop(run, args.train_steps, args.eval_every, {"model": eps_model, "ema": ema, "optimizer": opt,
                             "plateau": plateau}, args.seed, vars(args), resume=resume, max_minutes=args.max_minutes,
                             patience=args.patience, script=SCRIPT)  # a ddpm_mnist_cfg checkpoint, whoever trains
     for step in loop:
@@ -259,7 +260,7 @@ def train(eps_model, sched, data, args, run, resume=None):
 
 def load_eps_model(path, device, weights="ema"):
     """(eps_model, Schedule, config) of a checkpoint of this script, old format or new (ddim_sample.py reads it too)."""
-    ckpt = common.load_checkpoint(path, SCRIPT, "model")
+    ckpt = harness.load_checkpoint(path, SCRIPT, "model")
     eps_model, cfg = UNet(tuple(ckpt["config"]["channels"])), ckpt["config"]
     eps_model.load_state_dict(ckpt[weights])
     return eps_model.to(device).eval().requires_grad_(False), Schedule(BETAS[cfg["schedule"]](cfg["T"]), device), cfg
@@ -316,15 +317,12 @@ def evaluate_run(eps_model, sched, args, run):
                      judge_epochs=args.judge_epochs)
         scores = [{"w": float(w), **evaluate.score(xs, ys, **judge)} for w, xs in sweep]
         run.log(eval=evaluate.score(samples, labels, **judge), guidance_sweep=scores)
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        for ax, key, name in zip(axes, ("class_accuracy", "fid"), ("class accuracy", "FID (judge features)")):
-            ax.plot([r["w"] for r in scores], [r[key] for r in scores], "o-", label="samples")
-            ax.set(xlabel="w", ylabel=name, title=f"{name} (N = {args.sweep_n})")
-        if scores[0].get("fid_floor") is not None:
-            axes[1].axhline(scores[0]["fid_floor"], color="k", ls="--", label="real-data floor")
-        axes[1].legend()
-        common.save_fig(fig, run.path("guidance_metrics.png"))
+        ws = [r["w"] for r in scores]
+        common.plot_panels(run.path("guidance_metrics.png"), [
+            dict(curves={"samples": (ws, [r["class_accuracy"] for r in scores], "o-")}, xlabel="w",
+                 ylabel="class accuracy", title=f"class accuracy (N = {args.sweep_n})"),
+            dict(curves={"samples": (ws, [r["fid"] for r in scores], "o-")}, xlabel="w", ylabel="FID (judge features)",
+                 title=f"FID (judge features, N = {args.sweep_n})", floor=scores[0].get("fid_floor"))])
 
 
 # ----------------------------------------------------------------------------- main
@@ -372,8 +370,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    resume = common.load_checkpoint(args.resume, SCRIPT, "model") if args.resume else None
-    args = common.resumed(args, resume, ("train_steps", "max_minutes", "patience", "data_root")) if resume else args
+    resume = harness.load_checkpoint(args.resume, SCRIPT, "model") if args.resume else None
+    args = harness.resumed(args, resume, ("train_steps", "max_minutes", "patience", "data_root")) if resume else args
     device = common.get_device(args.device)
     if args.checkpoint:  # bad input is found here, before the run folder exists
         eps_model, sched, cfg = load_eps_model(args.checkpoint, device)
@@ -382,7 +380,7 @@ def main(argv=None):
         data = common.load_image_dataset(args.dataset, args.data_root, train=True, val_size=args.val_size)
         torch.manual_seed(args.seed)  # the initial weights
         eps_model, sched = UNet(args.channels).to(device), Schedule(BETAS[args.schedule](args.T), device)
-    run = common.Run(SCRIPT, args)
+    run = harness.Run(SCRIPT, args)
     if not args.checkpoint:  # the forward process and the schedules, training, its loss curves
         figure_schedules(run, data[0][0], args.T, args.schedule)
         eps_model, loop = train(eps_model, sched, data, args, run, resume)
@@ -397,4 +395,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main(main)
+    harness.main(main)

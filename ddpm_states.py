@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 import common
+import harness
 
 SCRIPT = "ddpm_states"
 PRESETS = {"default": dict(T=500, train_steps=2500, batch_size=10000, n_samples=5000, n_per_state=1000, eval_every=100),
@@ -200,7 +201,7 @@ def train(eps_model, sched, x, xv, args, run, resume=None):
     g = torch.Generator().manual_seed(args.seed + 1)
     iv = torch.randint(0, sched.T, (len(xv),), generator=g).to(device)
     ev = torch.randn(xv.shape, generator=g).to(device)
-    loop = common.TrainLoop(run, args.train_steps, args.eval_every, {"model": eps_model, "optimizer": opt,
+    loop = harness.TrainLoop(run, args.train_steps, args.eval_every, {"model": eps_model, "optimizer": opt,
                             "lr_sched": lr_sched}, args.seed, vars(args), run.path("denoiser.pt"), "denoiser", resume,
                             script=SCRIPT)
     for step in loop:
@@ -220,7 +221,7 @@ def train(eps_model, sched, x, xv, args, run, resume=None):
 
 def load_denoiser(path, device):
     """(eps_model, Schedule) from a denoiser.pt written by this script (classifier_guidance_states.py reads it)."""
-    ck = common.load_checkpoint(path, SCRIPT, "denoiser")
+    ck = harness.load_checkpoint(path, SCRIPT, "denoiser")
     c = ck["config"]
     eps_model = EpsMLP(c["hidden"], c["layers"])
     eps_model.load_state_dict(ck["model"])
@@ -235,11 +236,11 @@ def kde_logpdf(points, reference, chunk=2048):
     x, r = (torch.as_tensor(a, dtype=torch.float64).cpu() for a in (points, reference))
     n, d = r.shape
     if not (torch.isfinite(x).all() and torch.isfinite(r).all()):
-        raise common.RunError(f"cannot score: {int((~torch.isfinite(x)).any(1).sum())} of {len(x)} samples are "
+        raise harness.RunError(f"cannot score: {int((~torch.isfinite(x)).any(1).sum())} of {len(x)} samples are "
                               f"not finite (the model diverged)")
     L, info = torch.linalg.cholesky_ex(torch.cov(r.T).reshape(d, d) * n ** (-2.0 / (d + 4)))
     if info:
-        raise common.RunError(f"cannot score: the {n} reference points have a singular covariance (all on a line?)")
+        raise harness.RunError(f"cannot score: the {n} reference points have a singular covariance (all on a line?)")
     rw = torch.linalg.solve_triangular(L, r.T, upper=False).T  # whitened reference
     log_norm = -torch.log(torch.diagonal(L)).sum() - 0.5 * d * math.log(2 * math.pi) - math.log(n)
     out = [torch.logsumexp(-0.5 * torch.cdist(torch.linalg.solve_triangular(L, xc.T, upper=False).T, rw).square(), 1)
@@ -325,15 +326,15 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    resume = common.load_checkpoint(args.resume, SCRIPT, "denoiser") if args.resume else None
-    args = common.resumed(args, resume) if resume else args
+    resume = harness.load_checkpoint(args.resume, SCRIPT, "denoiser") if args.resume else None
+    args = harness.resumed(args, resume) if resume else args
     device = common.get_device(args.device)
     torch.manual_seed(args.seed)  # the initial weights
     x, y, xv, yv = load_data(args)  # bad input is found here, before the run folder exists
     sched = Schedule(linear_beta(args.T, args.beta_start, args.beta_end), device)
     eps_model = EpsMLP(args.hidden, args.layers).to(device)
 
-    run = common.Run(SCRIPT, args)
+    run = harness.Run(SCRIPT, args)
     print(f"run folder: {run.dir}  device: {device}  train {len(x)} / val {len(xv)} points")
     loop = train(eps_model, sched, x.to(device), xv.to(device), args, run, resume)
     run.progress("sample", 0, 1, force=True)
@@ -368,4 +369,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.main(main)
+    harness.main(main)

@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import harness
 import evaluate
 
 SCRIPT = "edm_mnist"
@@ -194,7 +195,7 @@ def train(D, x, args, run, resume=None):
     ema = copy.deepcopy(D).eval().requires_grad_(False)
     opt = torch.optim.AdamW(D.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(x) / args.batch_size)
-    loop = common.TrainLoop(run, args.train_steps or args.epochs * steps_per_epoch, args.eval_every,
+    loop = harness.TrainLoop(run, args.train_steps or args.epochs * steps_per_epoch, args.eval_every,
                             {"model": D, "ema": ema, "optimizer": opt}, args.seed, vars(args), kind="model",
                             resume=resume, max_minutes=args.max_minutes)
     D.train()
@@ -243,7 +244,7 @@ def report_training(run, loop, steps_per_epoch, device):
 def load_denoiser(path, device="cpu"):
     """(the EMA denoiser D(x, sigma), eval mode, no grads; the checkpoint) of an edm_mnist checkpoint. A missing,
     corrupt or old file (another U-Net layout and embedding order) or another script's is a one-line UsageError."""
-    ckpt = common.load_checkpoint(path, SCRIPT, "model")
+    ckpt = harness.load_checkpoint(path, SCRIPT, "model")
     if "loop" not in ckpt:
         raise common.UsageError(f"{path}: an edm_mnist checkpoint of the old format; train a new one")
     D = Denoiser(UNet(tuple(ckpt["config"]["channels"])), ckpt["config"]["sigma_data"])
@@ -264,44 +265,6 @@ def generate(D, n, steps, args, run, phase, device):
                         on_step=lambda k, N, b=b: run.progress(phase, b * N + k, len(sizes) * N))
         out.append(x.clamp(-1, 1).cpu())  # the copy to the host waits for the device: the time is the sampler's
     return torch.cat(out), time.time() - t0
-
-
-def figure_unet(path, net):
-    """The U-Net's layers as boxes, one row per resolution, in the order forward hooks on its named children see them
-    run; a dashed arrow for a skip: an earlier layer's output found, tensor for tensor, in a layer's input."""
-    import matplotlib.pyplot as plt
-    names, rows, outs = {m: name for name, m in net.named_children()}, [], []
-
-    def hook(mod, inp, out):  # rows: (name, kind, c_in, c_out, resolution, index of the skip's source or None)
-        if out.ndim == 4:  # an image layer, not the embedding MLP
-            h, c = inp[0], outs[-1].shape[1] if outs else 1
-            kind = {nn.Conv2d: "conv", nn.ConvTranspose2d: "convT", nn.Sequential: "GN+SiLU+conv"}.get(
-                type(mod), type(mod).__name__) + (" s2" if getattr(mod, "stride", None) == (2, 2) else "")
-            src = next((j for j in reversed(range(len(outs))) if torch.equal(outs[j], h[:, c:])), None)
-            rows.append((names[mod], kind, h.shape[1], out.shape[1], out.shape[-1], src))
-            outs.append(out)
-    hooks, device = [m.register_forward_hook(hook) for m in names], next(net.parameters()).device
-    with torch.no_grad():
-        net(torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(device), torch.zeros(1).to(device))
-    for h in hooks:
-        h.remove()
-    levels = sorted({r[4] for r in rows}, reverse=True)
-    xy = [(1.25 * i, -1.6 * levels.index(r[4])) for i, r in enumerate(rows)]
-    fig, ax = plt.subplots(figsize=(len(rows) + 0.5, 4.6))
-    for i, (name, kind, cin, cout, res, src) in enumerate(rows):
-        ax.text(*xy[i], f"{name}\n{kind}\n{cin}->{cout}\n{res}x{res}", ha="center", va="center", fontsize=6.5,
-                bbox=dict(boxstyle="round", ec="k", fc={"ResBlock": "#fdc", "convT s2": "#dce"}.get(kind, "#cde")))
-        if i:
-            ax.annotate("", xy[i], xy[i - 1], arrowprops=dict(arrowstyle="->", shrinkA=22, shrinkB=22))
-        if src is not None:
-            ax.annotate("", (xy[i][0], xy[i][1] + 0.45), (xy[src][0], xy[src][1] + 0.45), arrowprops=dict(
-                arrowstyle="->", color="C3", connectionstyle="arc3,rad=-0.25", ls="--"))
-    ax.set(xlim=(-0.8, 1.25 * len(rows) - 0.4), ylim=(-1.6 * len(levels) + 0.8, 2.9), aspect="equal")
-    ax.axis("off")
-    ax.set_title(f"U-Net F ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters); dashed: skip "
-                 "concatenation", fontsize=9)
-    common.save_fig(fig, path)
-    return rows
 
 
 def figure_sigmas(path, args):
@@ -334,17 +297,13 @@ def evaluate_run(D, args, run, device):
         study.append({"steps": n, "nfe": 2 * n - 1, "fid": s["fid"], "fid_floor": s["fid_floor"],
                       "mean_top_prob": s["mean_top_prob"], "seconds_per_sample": round(t / args.study_n, 5)})
         run.log(steps_study=study)
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, unit, name in zip(axes, ("fid", "seconds_per_sample"), (1, 1000), ("FID", "ms per sample")):
-        ax.plot([r["steps"] for r in study], [unit * r[key] for r in study], "o-", label="samples")
-        ax.set(xlabel="sampling steps N (2N - 1 evaluations)", ylabel=name, xscale="log", yscale="log",
-               title=f"{name} against N (n = {args.study_n}, {device.type})")
-        ax.grid(alpha=0.3)
-    if study[0]["fid_floor"] is not None:
-        axes[0].axhline(study[0]["fid_floor"], color="k", ls="--", label="real-data floor")
-    axes[0].legend()
-    common.save_fig(fig, run.path("steps_study.png"))
+    steps = [r["steps"] for r in study]
+    axes = dict(xlabel="sampling steps N (2N - 1 evaluations)", logx=True, logy=True)
+    common.plot_panels(run.path("steps_study.png"), [
+        dict(axes, curves={"samples": (steps, [r["fid"] for r in study], "o-")}, ylabel="FID",
+             floor=study[0]["fid_floor"], title=f"FID against N (n = {args.study_n})"),
+        dict(axes, curves={"samples": (steps, [1000 * r["seconds_per_sample"] for r in study], "o-")},
+             ylabel="ms per sample", title=f"time per sample against N ({device.type})")])
 
 
 # ----------------------------------------------------------------------------- main
@@ -400,25 +359,26 @@ def main(argv=None):
     device = common.get_device(args.device)
     D, ckpt = load_denoiser(args.resume or args.checkpoint, device) if args.resume or args.checkpoint else (None, None)
     if args.resume:
-        args = common.resumed(args, ckpt, MAY_CHANGE)
+        args = harness.resumed(args, ckpt, MAY_CHANGE)
     elif ckpt:  # sample the checkpoint's EMA network; judge on the data it was trained on
         args.channels, args.sigma_data, args.dataset = map(ckpt["config"].get, ("channels", "sigma_data", "dataset"))
     # the whole training split (EDM holds nothing out); bad input is found here, before the run folder exists
     x = None if args.checkpoint else common.load_image_dataset(args.dataset, args.data_root, val_size=0)[0]
     args.sigma_data = round(float(x.std()), 4) if args.sigma_data == "measured" else args.sigma_data
 
-    run = common.Run(SCRIPT, args)
+    run = harness.Run(SCRIPT, args)
     run.log(device=str(device), sigma_data=args.sigma_data)
     figure_sigmas(run.path("sigma_schedule.png"), args)
     if not args.checkpoint:
         torch.manual_seed(args.seed)  # the initial weights
         D, loop = train(Denoiser(UNet(tuple(args.channels)), args.sigma_data).to(device), x.to(device), args, run, ckpt)
         report_training(run, loop, math.ceil(len(x) / args.batch_size), device)
-    figure_unet(run.path("unet.png"), D.net)
+    inputs = (torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.zeros(1))
+    common.figure_network(run.path("unet.png"), D.net, [v.to(device) for v in inputs], "U-Net F")
     evaluate_run(D, args, run, device)
     run.finish()
     print(f"wrote {run.dir}")
 
 
 if __name__ == "__main__":
-    common.main(main)
+    harness.main(main)

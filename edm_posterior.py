@@ -44,13 +44,14 @@ import time
 import torch
 
 import common
+import harness
 import edm_mnist
 import evaluate
 
 SCRIPT = "edm_posterior"
 PRESETS = {"full": dict(n_samples=100, sample_steps=18, judge_epochs=None),
            "quick": dict(n_samples=16, sample_steps=10, judge_epochs=0.05)}
-GRAY, HEAT = dict(cmap="gray", vmin=-1, vmax=1), dict(cmap="magma", vmin=0)  # imshow options: images, heat maps
+GRAY, HEAT = dict(cmap="gray", vmin=-1, vmax=1), dict(cmap="magma", vmin=0, colorbar=True)  # images, heat maps
 
 
 # ==== core: the method, with torch, numpy and math only (tests/test_core.py runs this span alone) ====
@@ -267,20 +268,6 @@ def posterior_metrics(draws, x_true, y, mask, digit, judge):
             "mean_posterior_std_unobserved": float(std[hidden].mean()) if hidden.any() else 0.0}, mean, std
 
 
-def figure_row(path, panels, title):
-    """A row of 28 x 28 panels: (image 1 x 1 x 28 x 28, caption, imshow options); a colour bar on heat maps."""
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels) + 0.4 * sum(p[2] != GRAY for p in panels), 2.1))
-    for ax, (img, name, kw) in zip(axes, panels):
-        im = ax.imshow(img[0, 0].numpy(), interpolation="nearest", **kw)
-        ax.set_title(name, fontsize=8)
-        ax.axis("off")
-        if kw != GRAY:
-            fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(title, fontsize=9)
-    common.save_fig(fig, path)
-
-
 def tag(observed):
     """obs70 for 0.7, obs05 for 0.05, obs70p1 for 0.701: the percentage with every digit it has (10 significant), so
     two fractions never share a file."""
@@ -363,7 +350,7 @@ def main(argv=None):
     device = common.get_device(args.device)
     torch.manual_seed(args.seed)
     D, x_true = load_inputs(args, device)  # bad input is found before the run folder exists
-    run = common.Run(SCRIPT, args)
+    run = harness.Run(SCRIPT, args)
     judge = evaluate.get_judge(args.dataset, args.data_root, args.out, "cpu", args.judge_epochs)["model"]
     run.log(device=str(device), digit=args.digit, guidance=args.guidance, sample_steps=args.sample_steps,
             evaluations=2 * args.sample_steps - 1)
@@ -384,12 +371,13 @@ def main(argv=None):
         title = f"{args.guidance} guidance, {args.mask} mask, {100 * observed:g}% observed, {args.sample_steps} steps"
         panels = [(x_true, "ground truth", GRAY), (mask * 2 - 1, "mask (white = seen)", GRAY), (y, "observed y", GRAY)]
         panels += [(d[None], f"draw {j + 1}", GRAY) for j, d in enumerate(draws[:6])]  # y is 0 (grey) off the mask
-        figure_row(run.path(f"setup_{name}.png"), panels, title)
+        common.image_row(run.path(f"setup_{name}.png"), panels, title)
         common.image_grid(run.path(f"samples_{name}.png"), draws[:100], nrow=10, title=f"posterior draws: {title}")
-        figure_row(run.path(f"mean_std_{name}.png"), [(x_true, "ground truth", GRAY), (mean, "posterior mean", GRAY),
-                   (std, "per-pixel std", HEAT), ((mean - x_true).abs() * (1 - mask), "|mean - truth| (hidden)", HEAT)],
-                   f"{100 * observed:g}% observed: PSNR {m['psnr_unobserved'] or float('inf'):.1f} dB on hidden "
-                   f"pixels, judge {100 * m['judge_accuracy']:.0f}% digit {args.digit}")
+        common.image_row(run.path(f"mean_std_{name}.png"), [
+            (x_true, "ground truth", GRAY), (mean, "posterior mean", GRAY), (std, "per-pixel std", HEAT),
+            ((mean - x_true).abs() * (1 - mask), "|mean - truth| (hidden)", HEAT)],
+            f"{100 * observed:g}% observed: PSNR {m['psnr_unobserved'] or float('inf'):.1f} dB on hidden "
+            f"pixels, judge {100 * m['judge_accuracy']:.0f}% digit {args.digit}")
         print(f"{name}: PSNR(hidden) {m['psnr_unobserved'] or float('inf'):.2f} dB, judge {m['judge_accuracy']:.3f}, "
               f"std {m['mean_posterior_std']:.3f}, {secs:.1f} s")
     run.finish()
@@ -397,4 +385,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main(main)
+    harness.main(main)

@@ -19,7 +19,7 @@ Distributed: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE (on one machine or sever
   (global_batch_noise), so W ranks compute exactly the 1-process batch: weights agree to float rounding, and a
   checkpoint resumes exactly with any W that divides the batch. Only rank 0 writes, samples and scores. Bad input
   stops every rank before the process group forms; a NaN loss, Ctrl-C or SIGTERM stops all at the same step; a rank
-  that dies is named and the run failed; a group torchrun restarts goes on from the last checkpoint (common.Processes).
+  that dies is named and the run failed; a group torchrun restarts goes on from the last checkpoint (harness.Processes).
 
 Usage: python emnist_ddp.py --preset cpu --data-root ../shared/data
        torchrun --standalone --nproc_per_node=4 emnist_ddp.py --preset medium       (one machine, 4 GPUs or CPU procs)
@@ -27,7 +27,6 @@ Usage: python emnist_ddp.py --preset cpu --data-root ../shared/data
        python emnist_ddp.py --resume outputs/emnist_ddp/RUN/checkpoints/latest.pt --epochs 60   (continue a run)
        python emnist_ddp.py --checkpoint outputs/emnist_ddp/RUN/checkpoints/latest.pt --chars "ABCk3"   (sample only)
 """
-import contextlib
 import math
 import os
 import shutil
@@ -41,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
 import common
+import harness
 import evaluate
 
 SCRIPT = "emnist_ddp"
@@ -295,7 +295,7 @@ def train(args, x, y, model, ema, device, dd, run, resume):
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps or 1)))
     sched, steps, grad_norms, t0 = Schedule(cosine_beta(args.T), device), len(x) // args.batch_size, [], time.time()
     state = {"model": model, "ema": ema, "optimizer": opt, "warmup": warmup}
-    loop = common.TrainLoop(run, args.epochs * steps, args.eval_every or steps, state, args.seed, vars(args),
+    loop = harness.TrainLoop(run, args.epochs * steps, args.eval_every or steps, state, args.seed, vars(args),
                             run and run.path("checkpoints/latest.pt"), "model", resume, args.max_minutes,
                             reduce=dd.reduce if dd.world > 1 else None)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dd.world > 1 else model
@@ -354,40 +354,29 @@ def progression(eps_model, sched, args, device, run):
 
 # ----------------------------------------------------------------------------- evaluation: plots, report
 def training_plots(run, rows):
-    """One PNG per panel against the epoch, and a 3 x 3 dashboard of the first nine. A panel is (title, {label: ys},
-    opts), opts: log=True, band=(lo, hi), ylabel."""
-    import matplotlib.pyplot as plt
+    """One PNG per panel against the epoch, and a 3 x 3 dashboard of the first nine."""
     col = {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in rows[-1]}
-    m, s = col["loss_mean"], col["loss_std"]
+    ep, m, s = col["epoch"], col["loss_mean"], col["loss_std"]
+
+    def panel(title, series, **opts):
+        curves = {k: (ep, v, "o-", {"ms": 3}) for k, v in series.items()}
+        return dict(title=title, curves=curves, xlabel="epoch", **opts)
     panels = {
-        "loss": ("loss (linear)", {k[5:]: col[k] for k in ("loss_mean", "loss_median", "loss_min", "loss_max")}, {}),
-        "loss_log": ("loss (log)", {"mean": m}, {"log": True}),
-        "loss_band": ("loss mean +- 1 sigma over steps", {"mean": m}, {"band": (m - s, m + s)}),
-        "grad_norm": ("gradient L2 norm (mean)", {"grad norm": col["grad_norm"]}, {}),
-        "ema_divergence": ("||theta - theta_ema||_2", {"divergence": col["ema_divergence"]}, {}),
-        "memory": ("memory (MB)", {k: v for k, v in col.items() if k.endswith("_mb")}, {"ylabel": "MB"}),
-        "throughput": ("throughput", {"samples/s": col["samples_per_s"], "batches/s": col["batches_per_s"]},
-                       {"log": True}),
-        "lr": ("learning rate (at the row's end)", {"lr": col["lr"]}, {}),
-        "epoch_time": ("time per row (s)", {"seconds": col["epoch_s"]}, {"ylabel": "s"}),
-        "loss_derivative": ("d loss / d epoch", {"derivative": np.gradient(m, col["epoch"]) if len(m) > 1 else 0 * m},
-                            {}),
+        "loss": panel("loss (linear)", {k[5:]: col[k] for k in ("loss_mean", "loss_median", "loss_min", "loss_max")}),
+        "loss_log": panel("loss (log)", {"mean": m}, logy=True),
+        "loss_band": panel("loss mean +- 1 sigma over steps", {"mean": m}, band=(ep, m - s, m + s)),
+        "grad_norm": panel("gradient L2 norm (mean)", {"grad norm": col["grad_norm"]}),
+        "ema_divergence": panel("||theta - theta_ema||_2", {"divergence": col["ema_divergence"]}),
+        "memory": panel("memory (MB)", {k: v for k, v in col.items() if k.endswith("_mb")}, ylabel="MB"),
+        "throughput": panel("throughput", {"samples/s": col["samples_per_s"], "batches/s": col["batches_per_s"]},
+                            logy=True),
+        "lr": panel("learning rate (at the row's end)", {"lr": col["lr"]}),
+        "epoch_time": panel("time per row (s)", {"seconds": col["epoch_s"]}, ylabel="s"),
+        "loss_derivative": panel("d loss / d epoch", {"derivative": np.gradient(m, ep) if len(m) > 1 else 0 * m}),
     }
-    for name, group, ncols in [*((k, [panel], 1) for k, panel in panels.items()),
-                               ("dashboard", list(panels.values())[:9], 3)]:
-        nrows = math.ceil(len(group) / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
-        for ax, (title, series, opts) in zip(axes.flat, group):
-            for label, ys in series.items():
-                ax.plot(col["epoch"], ys, "o-", ms=3, label=label)
-            if "band" in opts:
-                ax.fill_between(col["epoch"], *opts["band"], alpha=0.25, label="+- 1 sigma")
-            ax.set(title=title, xlabel="epoch", ylabel=opts.get("ylabel", ""),
-                   yscale="log" if "log" in opts else "linear")
-            ax.grid(alpha=0.3)
-            if len(series) > 1 or "band" in opts:
-                ax.legend(fontsize=7)
-        common.save_fig(fig, run.path(f"{name}.png"))
+    for name, p in panels.items():
+        common.plot_panels(run.path(f"{name}.png"), [p], size=(4.2, 3.0))
+    common.plot_panels(run.path("dashboard.png"), list(panels.values())[:9], ncols=3, size=(4.2, 3.0))
 
 
 def write_report(run, args, world, rows, scores):
@@ -476,10 +465,8 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None, tag=""):
-    p = build_parser()
-    if tag:  # every rank parses the same argv; whichever fails first must say so, and which rank it is
-        p.error = lambda message: p.exit(2, f"{p.prog}: error: {tag}{message} (see --help)\n")
+def parse_args(argv=None):
+    p = build_parser()  # under torchrun every rank parses the same argv; its errors say which rank (make_parser)
     args = common.parse(p, argv)
     args.preset = "quick" if args.quick else args.preset
     if args.resume and args.checkpoint:
@@ -490,16 +477,16 @@ def parse_args(argv=None, tag=""):
 def prepare(dd):
     """Flags, checkpoint, device and data, all checked before any process group forms or any file is written. Every
     rank checks alike: all fail alike, and none waits in a collective for one that has left."""
-    args = parse_args(tag=dd.tag)
+    args = parse_args()
     if not args.checkpoint and (args.resume == "auto" or dd.max_restarts) and not args.run_id:
         raise common.UsageError("--resume auto and torchrun --max-restarts need --run-id: the run folder to continue")
     if (args.resume == "auto" or dd.restarts) and not args.checkpoint:  # or torchrun restarted the group
         latest = os.path.join(args.out, SCRIPT, args.run_id, "checkpoints", "latest.pt")
         args.resume = latest if os.path.isfile(latest) else None
     path = args.resume or args.checkpoint
-    ckpt = common.load_checkpoint(path, SCRIPT, "model") if path else None
+    ckpt = harness.load_checkpoint(path, SCRIPT, "model") if path else None
     if ckpt:  # the settings of the run that wrote it; one of the older format (no "loop") is sampled, not resumed
-        args = common.resumed(args, ckpt if args.resume else {"loop": None, **ckpt},
+        args = harness.resumed(args, ckpt if args.resume else {"loop": None, **ckpt},
                               may_change=("epochs", "max_minutes", "eval_every", "checkpoint", *SAMPLING))
         args.channels, args.no_sample = tuple(args.channels), args.no_sample and not args.checkpoint
     if args.batch_size % dd.world:
@@ -511,36 +498,27 @@ def prepare(dd):
         raise common.UsageError(f"--progress-char: one character, got {args.progress_char!r}")
     for c in args.chars + args.progress_char:
         char_to_class(c)
-    device = common.get_device(args.device)
-    dd.device = torch.device("cuda", dd.local_rank) if device.type == "cuda" else device  # one GPU per process
+    dd.place(common.get_device(args.device))  # one GPU per process
     return args, ckpt, None if args.checkpoint and args.no_eval else load_data(args)
 
 
 def main():
-    dd = common.Processes()  # RANK, LOCAL_RANK, WORLD_SIZE and torchrun's restart count, from the environment
-    try:
-        args, ckpt, data = prepare(dd)
-    except common.UsageError as e:  # whichever rank fails first prints its line before torchrun stops the others
-        raise common.UsageError(dd.tag + str(e)) from None
+    dd = harness.Processes()  # RANK, LOCAL_RANK, WORLD_SIZE and torchrun's restart count, from the environment
+    args, ckpt, data = prepare(dd)  # a usage error: whichever rank fails first prints its line (harness.main)
     if args.checkpoint and dd.rank:
         return  # sampling a checkpoint is rank 0's work
     device = dd.device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     torch.manual_seed(args.seed)  # identical initial weights everywhere (DDP also broadcasts rank 0's at wrap time)
     model, ema = UNet(args.channels).to(device), UNet(args.channels).to(device)
     ema.load_state_dict(ckpt["ema"] if args.checkpoint else model.state_dict())
     ema.requires_grad_(False)
     if dd.world > 1 and not args.checkpoint:
-        dd.start(args.backend if args.backend != "auto" else "nccl" if device.type == "cuda" else "gloo")
-    run = common.Run(SCRIPT, args) if dd.rank == 0 else None
+        dd.start(args.backend)
+    run = harness.Run(SCRIPT, args) if dd.rank == 0 else None
     if args.checkpoint:  # the rows of the run that wrote it (an older checkpoint holds them whole)
         rows = table(ckpt["loop"]["history"], ckpt["loop"]["losses"]) if "loop" in ckpt else ckpt.get("history", [])
     else:
-        if run:
-            os.makedirs(run.path("checkpoints"), exist_ok=True)
-        watch = dd.watch(run and run.path("checkpoints/latest.pt")) if dd.world > 1 else contextlib.nullcontext()
-        with watch:  # several ranks: one that dies is named
+        with dd.watch(run and run.path("checkpoints/latest.pt")):  # several ranks: one that dies is named
             loop = train(args, *data, model, ema, device, dd, run, ckpt)
         if dd.rank:
             return
@@ -552,4 +530,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.main(main)
+    harness.main(main)

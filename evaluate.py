@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import harness
 
 SCRIPT = "evaluate"
 N_CLASSES = {"mnist": 10, "fashion-mnist": 10, "emnist-balanced": 47}  # 1 x 28 x 28, read by common.load_image_dataset
@@ -178,7 +179,7 @@ def train_judge(dataset, data_root, device, epochs=DEFAULT_EPOCHS, batch=128, lr
         judge = Judge(int(y.max()) + 1).to(device)
         opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
-        loop = common.TrainLoop(None, steps, 100, {"model": judge, "optimizer": opt}, seed=0)  # no run: no checkpoints
+        loop = harness.TrainLoop(None, steps, 100, {"model": judge, "optimizer": opt}, seed=0)  # no run: no checkpoints
         perm, pos = torch.randperm(len(x), generator=loop.gen), 0
         judge.train()
         for _ in common.progress_bar(loop, total=steps, desc=f"judge {dataset}", leave=False):
@@ -206,7 +207,7 @@ def judge_path(out_root, dataset, epochs):
 def load_judge(path, device):
     """The cached judge dict, or a one-line UsageError naming the file (deleting it trains the judge again)."""
     try:
-        ckpt = common.load_checkpoint(path, SCRIPT, "judge")
+        ckpt = harness.load_checkpoint(path, SCRIPT, "judge")
         judge = Judge(ckpt["config"]["n_classes"])
         judge.load_state_dict(ckpt["model"])
     except common.UsageError as e:
@@ -240,7 +241,7 @@ def get_judge(dataset="mnist", data_root="./data", out_root="outputs", device="c
 
 def save_judge(ckpt, path):
     """Write the cache atomically, plus a small JSON beside it for humans and dashboards (also atomically)."""
-    common.save_atomic(ckpt, path)
+    harness.save_atomic(ckpt, path)
     info = {k: ckpt[k] for k in ("config", "test_accuracy", "train_seconds", "n_ref", "floors")}
     with open(f"{path[:-3]}.json.tmp{os.getpid()}", "w") as f:
         json.dump(info, f, indent=2)
@@ -263,7 +264,7 @@ def score(samples, labels=None, dataset="mnist", data_root="./data", out_root="o
     """Judge N >= 2 samples (N x 1 x 28 x 28 in [-1, 1]); see the module docstring for the metrics. Inputs are
     checked before a judge is trained. The floor is computed once per N and cached with the judge."""
     check_dataset(dataset)
-    x = check_images(samples, error=common.RunError)
+    x = check_images(samples, error=harness.RunError)
     y = None if labels is None else check_labels(labels, len(x), N_CLASSES[dataset])
     device = torch.device(device)
     judge = get_judge(dataset, data_root, out_root, device, judge_epochs)
@@ -324,4 +325,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main(main)
+    harness.main(main)

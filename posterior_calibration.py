@@ -1,8 +1,8 @@
 """posterior_calibration.py: edm_posterior.py's samplers on priors whose posterior is known exactly.
 
 A sampler of p(x | y) is only as good as the posterior it draws from, and with a trained prior nobody knows the
-right answer. Here the prior is one whose denoiser and posterior are closed forms, and the samplers are edm_posterior.py's
-own code, called with the exact denoiser in place of the trained one (the same D(x, sigma) call):
+right answer. Here the prior is one whose denoiser and posterior are closed forms, and the samplers are
+edm_posterior.py's own code, called with the exact denoiser in place of the trained one (the same D(x, sigma) call):
 
   Gaussian   x0 ~ N(mu, C):   D(x, sigma) = E[x0 | x0 + sigma eps = x] = mu + C (C + sigma^2 I)^-1 (x - mu)
              observing the pixels o of x0 as y = x0_o + sigma_y n (hidden pixels h):
@@ -31,6 +31,7 @@ import time
 import torch
 
 import common
+import harness
 import edm_posterior
 
 SCRIPT = "posterior_calibration"
@@ -68,7 +69,8 @@ class GaussianPrior:
         return -0.5 * ((z ** 2 / var).sum(1) + var.log().sum(-1) + len(self.mu) * math.log(2 * math.pi))
 
     def sample(self, n, gen):
-        return self.mu + (torch.randn(n, len(self.mu), generator=gen, dtype=torch.float64) * self.lam.clamp(min=0).sqrt()) @ self.U.T
+        z = torch.randn(n, len(self.mu), generator=gen, dtype=torch.float64)
+        return self.mu + (z * self.lam.clamp(min=0).sqrt()) @ self.U.T
 
     def posterior(self, obs, y, sigma_y=0.0):
         """The exact p(x0 | y) for y = x0[obs] + sigma_y n: (mean, covariance) over all d pixels (the observed ones
@@ -92,7 +94,8 @@ class MixturePrior:
     def __call__(self, x, sigma):
         r = self.responsibilities(x, sigma)
         flat = x.reshape(len(x), -1)
-        return sum(r[:, k:k + 1] * p(flat, sigma).double() for k, p in enumerate(self.parts)).to(x.dtype).reshape(x.shape)
+        mean = sum(r[:, k:k + 1] * p(flat, sigma).double() for k, p in enumerate(self.parts))
+        return mean.to(x.dtype).reshape(x.shape)
 
     def sample(self, n, gen):
         k = torch.multinomial(self.log_pi.exp(), n, replacement=True, generator=gen)
@@ -164,10 +167,11 @@ def errors(draws, prior, obs, mean, std, weights):
     prior_mean = sum(w * p.mu for w, p in zip(prior.log_pi.exp(), prior.parts)) if weights is not None else prior.mu
     err_m, err_s = (d.mean(0)[h] - mean[h]), (d.std(0)[h] - std[h])
     one = int(h.sum()) == 1
-    out = {"mean_error": float(err_m.abs().sum() if one else err_m.norm() / (mean[h] - prior_mean[h]).norm()),
+    scale = 1 if one else (mean[h] - prior_mean[h]).norm()  # how far the data moved the mean (1 hidden pixel: none)
+    out = {"mean_error": float(err_m.abs().sum() if one else err_m.norm() / scale),
            "std_error": float(err_s.abs().sum() if one else err_s.abs().mean() / std[h].mean()),
            "var_error": float(d.var(0)[h].sum() / (std[h] ** 2).sum() - 1),
-           "mc_mean_error": float((std[h] ** 2).sum().sqrt() / len(d) ** 0.5 / (1 if one else (mean[h] - prior_mean[h]).norm()))}
+           "mc_mean_error": float((std[h] ** 2).sum().sqrt() / len(d) ** 0.5 / scale)}
     if weights is not None:
         modes = prior.responsibilities(d, 0.0).argmax(1)
         share = torch.bincount(modes, minlength=len(weights)).double() / len(d)
@@ -235,8 +239,9 @@ def markdown(rows):
     out = []
     for prior in dict.fromkeys(r["prior"] for r in rows):
         mixture = any("mode_tv" in r for r in rows if r["prior"] == prior)
-        out += [f"### {prior}", "", "| observed | sampler | steps | particles | mean error | std error | summed-variance "
-                "error |" + (" mode TV |" if mixture else "") + " ms per draw | Monte Carlo mean error |",
+        out += [f"### {prior}", "", "| observed | sampler | steps | particles | mean error | std error | "
+                "summed-variance error |" + (" mode TV |" if mixture else "") + " ms per draw | Monte Carlo mean "
+                "error |",
                 "|---|---|---|---|---|---|---|" + ("---|" if mixture else "") + "---|---|"]
         for r in (r for r in rows if r["prior"] == prior):
             out.append(f"| {100 * r['observed']:g}% | {r['sampler']} | {r['steps']} | {r.get('particles', '-')} | "
@@ -276,7 +281,7 @@ def main(argv=None):
         xt, yt = common.load_image_dataset("mnist", args.data_root, train=False)
         priors["gauss784"], priors["gmm784"] = mnist_priors(x, labels)
         digit = xt[(yt == 7).nonzero()[0, 0]]
-    run = common.Run(SCRIPT, args)
+    run = harness.Run(SCRIPT, args)
     rows = []
     settings = [(p, f) for p in args.priors for f in FRACTIONS[p]]
     for k, (name, frac) in enumerate(settings):
@@ -311,4 +316,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main(main)
+    harness.main(main)

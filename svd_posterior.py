@@ -29,6 +29,7 @@ import time
 import torch
 
 import common
+import harness
 import edm_posterior
 import evaluate
 
@@ -97,7 +98,7 @@ def ensemble(D, y, mask, args, seed, path, settings, done, device, progress):
     for b in range(len(done), len(sizes)):
         done.append(edm_posterior.draw(D, y, mask, sizes[b], args, seed + b, device, sizes[b],
                                        f"batch {b + 1}/{len(sizes)}", clamp=not args.exact_prior))
-        common.save_atomic({"settings": settings, "batches": done}, path)
+        harness.save_atomic({"settings": settings, "batches": done}, path)
         progress(b + 1, len(sizes))
     return torch.cat(done)
 
@@ -135,20 +136,11 @@ def figure_spectra(path, spectra):
 
 def figure_modes(path, mean, U, s, title, k=8):
     """The posterior mean and the top-k principal directions of the centred draws (red +, blue -)."""
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, k + 1, figsize=(1.5 * (k + 1), 2.0))
-    axes[0].imshow(mean.reshape(28, 28).numpy(), cmap="gray", vmin=0, vmax=1)
-    axes[0].set_title("mean", fontsize=8)
-    energy = s ** 2 / (s ** 2).sum()
-    for i, ax in enumerate(axes[1:]):
-        u = U[:, i].reshape(28, 28).numpy()
-        lim = abs(u).max()
-        ax.imshow(u, cmap="bwr", vmin=-lim, vmax=lim)
-        ax.set_title(f"u{i + 1} ({100 * float(energy[i]):.0f}%)", fontsize=8)
-    for ax in axes:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    common.save_fig(fig, path)
+    energy, modes = s ** 2 / (s ** 2).sum(), U[:, :k].T.reshape(-1, 28, 28)
+    lims = [float(u.abs().max()) for u in modes]  # a symmetric colour scale per direction: white is 0
+    common.image_row(path, [(mean.reshape(28, 28), "mean", dict(cmap="gray", vmin=0, vmax=1))] + [
+        (u, f"u{i + 1} ({100 * float(energy[i]):.0f}%)", dict(cmap="bwr", vmin=-lim, vmax=lim))
+        for i, (u, lim) in enumerate(zip(modes, lims))], title)
 
 
 def markdown_table(rows):
@@ -182,7 +174,7 @@ def main(argv=None):
     old = os.path.join(args.out, SCRIPT, args.run_id) if args.run_id else None  # a rerun continues what is there
     saved = [[old and load_saved(os.path.join(old, f"{kind}_{edm_posterior.tag(o)}.pt"), s)
               for kind in ("snapshots", "partial")] for o, s in zip(args.observed, settings)]
-    run = common.Run(SCRIPT, args)
+    run = harness.Run(SCRIPT, args)
     judge = evaluate.get_judge(args.dataset, args.data_root, args.out, "cpu", args.judge_epochs)["model"]
     run.log(device=str(device), digit=args.digit, guidance=args.guidance, sample_steps=args.sample_steps,
             n_samples=args.n_samples)
@@ -200,7 +192,7 @@ def main(argv=None):
                              lambda b, _: run.progress(f"draws {name}", e * nb + b, len(args.observed) * nb, True))
         secs = time.time() - t0
         X, s_raw, s_c, U = snapshot_svd(draws)
-        common.save_atomic({"settings": settings[e], "X": X.float(), "s_raw": s_raw, "s_centered": s_c,
+        harness.save_atomic({"settings": settings[e], "X": X.float(), "s_raw": s_raw, "s_centered": s_c,
                             "draws": draws, "x_true": x_true, "mask": mask}, run.path(f"snapshots_{name}.pt"))
         if os.path.isfile(run.path(f"partial_{name}.pt")):
             os.remove(run.path(f"partial_{name}.pt"))  # the snapshots file now holds every draw
@@ -226,4 +218,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main(main)
+    harness.main(main)

@@ -114,16 +114,16 @@ def interrupt(args, ready, sig, timeout=120):
 
 
 def run_in_process(module, *args):
-    """Run `module`.main through common.main as `python module.py args` would, in this process (no interpreter and
+    """Run `module`.main through harness.main as `python module.py args` would, in this process (no interpreter and
     torch start-up: fast); returns a CompletedProcess with the exit code and the captured stdout and stderr."""
     import contextlib
     import io
-    import common
+    import harness
     out, err, argv = io.StringIO(), io.StringIO(), sys.argv
     sys.argv = [f"{module.__name__}.py", *args]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            common.main(module.main)
+            harness.main(module.main)
         code = 0
     except SystemExit as e:
         code = e.code or 0

@@ -1,6 +1,7 @@
-"""common.py: the IDX loader on tiny files (plain, .gz, truncated, missing), the EMNIST orientation, the command line
-(num, presets, --out, resumed), run folders, how main ends a run, and TrainLoop on a tiny model against the same steps
-written out plainly: exact resume after an interrupt, a crash or the time budget, NaN detection, early stopping."""
+"""common.py and harness.py: the IDX loader on tiny files (plain, .gz, truncated, missing), the EMNIST orientation,
+the command line (num, presets, --out, resumed, the rank in a torchrun process's error), the plot helpers, run folders,
+how main ends a run, and TrainLoop on a tiny model against the same steps written out plainly: exact resume after an
+interrupt, a crash or the time budget, NaN detection, early stopping."""
 import argparse
 import json
 import os
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import common
+import harness
 from conftest import write_idx
 
 
@@ -21,7 +23,7 @@ def no_leftover_harness_state():
     """Run.active / TrainLoop.active are process-wide; main() installs signal handlers: restore all three."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
-    common.Run.active = common.TrainLoop.active = None
+    harness.Run.active = harness.TrainLoop.active = None
     for s, h in handlers.items():
         signal.signal(s, h)
 
@@ -244,26 +246,67 @@ def test_out_must_take_the_run_before_any_work(tmp_path, capsys, monkeypatch):
     assert common.parse(parser(), ["--out", str(fresh)]).out == str(fresh) and not (tmp_path / "fresh").exists()
 
 
+def test_under_torchrun_a_usage_error_names_the_rank(tmp_path, capsys, monkeypatch):
+    """Every rank checks the same input; the line of whichever fails first must say which rank it is, both for a
+    flag argparse rejects and for a UsageError raised later; a single process says nothing of ranks."""
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert "error: rank 3: argument --seed: invalid int value" in exits_2(capsys, ["--seed", "x"])
+
+    def script_main():
+        raise common.UsageError("--batch-size 3: not divisible by 4")
+    with pytest.raises(SystemExit) as e:
+        harness.main(script_main)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: rank 3: --batch-size 3: not divisible by 4")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "error: argument --seed" in exits_2(capsys, ["--seed", "x"])
+
+
 def test_resumed_keeps_the_checkpoints_settings(tmp_path):
     ckpt = {"config": {"train_steps": 100, "batch_size": 8, "channels": (4, 4), "lr": 0.5, "seed": 3, "quick": False,
                        "out": "elsewhere", "run_id": "r0", "device": "cuda", "resume": None, "explicit": ["lr"]},
             "loop": {}}
     args = common.parse(parser(), ["--out", str(tmp_path), "--resume", "c.pt", "--batch-size", "8"])
-    args = common.resumed(args, ckpt)
+    args = harness.resumed(args, ckpt)
     assert (args.train_steps, args.batch_size, args.channels, args.lr, args.seed) == (100, 8, (4, 4), 0.5, 3)
     assert (args.out, args.run_id, args.device, args.resume) == (str(tmp_path), None, "auto", "c.pt")  # its place
     args = common.parse(parser(), ["--out", str(tmp_path), "--train-steps", "200"])
-    assert common.resumed(args, ckpt, may_change=("train_steps",)).train_steps == 200
-    assert common.resumed(common.parse(parser(), ["--out", str(tmp_path)]), ckpt, ("train_steps",)).train_steps == 100
+    assert harness.resumed(args, ckpt, may_change=("train_steps",)).train_steps == 200
+    assert harness.resumed(common.parse(parser(), ["--out", str(tmp_path)]), ckpt, ("train_steps",)).train_steps == 100
     keeps = "the run being resumed has {}, and a resumed run keeps its settings"
     for argv, may, want in ((["--batch-size", "16"], (), "--batch-size 16: " + keeps.format(8)),
                             (["--lr", "0.2"], ("train_steps", "max_minutes"),
                              "--lr 0.2: " + keeps.format(0.5) + " (only train_steps, max_minutes may change)")):
         with pytest.raises(common.UsageError) as e:
-            common.resumed(common.parse(parser(), ["--out", str(tmp_path), *argv]), ckpt, may)
+            harness.resumed(common.parse(parser(), ["--out", str(tmp_path), *argv]), ckpt, may)
         assert str(e.value) == want
     with pytest.raises(common.UsageError, match="older format"):  # no training state: it can be sampled, not resumed
-        common.resumed(common.parse(parser(), ["--out", str(tmp_path)]), {"config": ckpt["config"]})
+        harness.resumed(common.parse(parser(), ["--out", str(tmp_path)]), {"config": ckpt["config"]})
+
+
+# ----------------------------------------------------------------------------- plots
+def test_plot_helpers_draw_what_they_are_given(tmp_path, monkeypatch):
+    """plot_panels: one axes per panel (the spare cell of a 2 x 2 grid hidden), a curve per entry plus the floor and
+    the band; image_row: one image per panel, a colour bar only where asked."""
+    import matplotlib.pyplot as plt
+    figs, save = [], common.save_fig
+    monkeypatch.setattr(common, "save_fig", lambda fig, path: (figs.append(fig), save(fig, path)))
+    xs = np.arange(1, 5)
+    common.plot_panels(str(tmp_path / "p.png"), [
+        dict(curves={"a": (xs, xs ** 2, "o-"), "b": (xs, xs, "k*", {"ms": 12})}, floor=2.0, logy=True),
+        dict(curves={"c": (xs, -xs)}, band=(xs, -xs - 1, -xs + 1)), dict(curves={"d": (xs, xs)})], ncols=2)
+    common.image_row(str(tmp_path / "r.png"), [(torch.zeros(1, 1, 28, 28), "zero", dict(cmap="gray")),
+                                               (torch.rand(28, 28), "heat", dict(cmap="magma", colorbar=True))], "t")
+    panels, row = figs
+    shown = [ax for ax in panels.axes if ax.axison]
+    assert len(panels.axes) == 4 and len(shown) == 3
+    assert [len(ax.lines) for ax in shown] == [3, 1, 1]  # a, b and the floor's line; c; d
+    assert shown[0].get_yscale() == "log" and len(shown[1].collections) == 1  # the band
+    assert shown[0].lines[1].get_markersize() == 12
+    assert len(row.axes) == 3 and sum(len(ax.images) for ax in row.axes) == 2  # two images and one colour bar
+    assert os.path.getsize(tmp_path / "p.png") > 1000 and os.path.getsize(tmp_path / "r.png") > 1000
+    plt.close("all")
 
 
 # ----------------------------------------------------------------------------- run folders and how a run ends
@@ -274,7 +317,7 @@ def run_args(out, run_id="r", **kw):
 def test_run_folder_files_are_written_whole(tmp_path, monkeypatch):
     renamed, real = [], os.replace
     monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append((str(src), str(dst))), real(src, dst))[1])
-    run = common.Run("demo", run_args(tmp_path, lr=0.5))
+    run = harness.Run("demo", run_args(tmp_path, lr=0.5))
     assert run.dir == os.path.join(str(tmp_path), "demo", "r")
     assert json.load(open(run.path("config.json"))) == {"script": "demo", **vars(run_args(tmp_path, lr=0.5))}
     st = json.load(open(run.path("status.json")))
@@ -290,38 +333,38 @@ def test_run_folder_files_are_written_whole(tmp_path, monkeypatch):
     run.finish()
     st, metrics = json.load(open(run.path("status.json"))), json.load(open(run.path("metrics.json")))
     assert st["state"] == "completed" and st["progress"] == 1.0 and "wall_time_s" in metrics
-    assert common.Run.active is None
+    assert harness.Run.active is None
     written = {os.path.basename(dst) for src, dst in renamed if ".tmp" in os.path.basename(src)}
     assert written >= {"config.json", "status.json", "metrics.json", "LATEST_RUN.txt", "current"}
     assert not [f for d in (tmp_path, run.dir) for f in os.listdir(d) if ".tmp" in f]
 
 
 def test_latest_run_and_current_name_the_newest_run(tmp_path):
-    first = common.Run("demo", run_args(tmp_path, "a"))
+    first = harness.Run("demo", run_args(tmp_path, "a"))
     assert open(tmp_path / "LATEST_RUN.txt").read() == os.path.join("demo", "a") + "\n"
-    second = common.Run("other", run_args(tmp_path, "b"))
+    second = harness.Run("other", run_args(tmp_path, "b"))
     assert open(tmp_path / "LATEST_RUN.txt").read() == os.path.join("other", "b") + "\n"
     assert os.readlink(tmp_path / "current") == os.path.join("other", "b")  # relative: the outputs folder can move
     assert os.path.realpath(tmp_path / "current") == os.path.realpath(second.dir) != os.path.realpath(first.dir)
     assert sorted(os.listdir(tmp_path)) == ["LATEST_RUN.txt", "current", "demo", "other"]  # no dashboard.html here
-    stamped = common.Run("demo", argparse.Namespace(out=str(tmp_path), run_id=None, quick=True))
+    stamped = harness.Run("demo", argparse.Namespace(out=str(tmp_path), run_id=None, quick=True))
     assert stamped.run_id.endswith("-quick") and os.path.isdir(stamped.dir)
 
 
 @pytest.mark.parametrize("raised, code, state, message", [
     (common.UsageError("--data x.pt: no such file"), 2, "failed", "--data x.pt: no such file"),
-    (common.RunError("loss is nan at step 7"), 1, "failed", "loss is nan at step 7 (hint)"),
-    (common.Interrupted("SIGTERM"), 143, "interrupted", "interrupted by SIGTERM (hint)"),
+    (harness.RunError("loss is nan at step 7"), 1, "failed", "loss is nan at step 7 (hint)"),
+    (harness.Interrupted("SIGTERM"), 143, "interrupted", "interrupted by SIGTERM (hint)"),
     (KeyboardInterrupt(), 130, "interrupted", "interrupted by SIGINT (hint)"),
     (ValueError("bad thing\nsecond line"), 1, "failed", "ValueError: bad thing (hint)")])
 def test_main_records_how_the_run_ended(tmp_path, capsys, raised, code, state, message):
     def script_main():
         if not isinstance(raised, common.UsageError):  # a usage error found before the run folder exists
-            run = common.Run("demo", run_args(tmp_path))
+            run = harness.Run("demo", run_args(tmp_path))
             run.hint = " (hint)"
         raise raised
     with pytest.raises(SystemExit) as e:
-        common.main(script_main)
+        harness.main(script_main)
     assert e.value.code == code
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.endswith(f": {'error: ' if code < 128 else ''}{message}"), last
@@ -370,7 +413,8 @@ def train(run, total, every, resume=None, before=None, after=None, vals=None, mo
     """The loop as a method script writes it. before(i, loss) may replace the loss of step index i (0-based);
     after(i, loop, model) runs at the end of the step's body; vals: the val_loss of each evaluation."""
     model, opt = tiny_model(model_seed)
-    loop = common.TrainLoop(run, total, every, {"model": model, "optimizer": opt}, 0, {"lr": 0.05}, resume=resume, **kw)
+    loop = harness.TrainLoop(run, total, every, {"model": model, "optimizer": opt}, 0, {"lr": 0.05}, resume=resume,
+                             **kw)
     for i in loop:
         loss = step_loss(model, loop.gen)
         loss = before(i, loss) if before else loss
@@ -393,7 +437,7 @@ def load(path):
 
 def test_trainloop_runs_the_plain_steps_and_checkpoints(tmp_path):
     losses, weights = reference(10)
-    run = common.Run("demo", run_args(tmp_path))
+    run = harness.Run("demo", run_args(tmp_path))
     loop, model = train(run, 10, 4)
     assert loop.s["losses"] == losses and same_weights(model, weights[-1])  # exactly the plain loop
     assert loop.s["step"] == 10 and loop.start == 0 and loop.stop_reason is None
@@ -414,9 +458,9 @@ def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch, how):
     """Stop after step 6 (SIGTERM pending: mid-window), crash in step 7 (after the checkpoint of step 5), or run out
     of time after step 3 (late: the window closes at step 4); resume; the same losses and weights as unbroken."""
     losses, weights = reference(10)
-    run = common.Run("demo", run_args(tmp_path))
+    run = harness.Run("demo", run_args(tmp_path))
     clock = [0.0]
-    monkeypatch.setattr(common, "time", types.SimpleNamespace(time=lambda: clock[0]))  # a clock the test moves
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(time=lambda: clock[0]))  # a clock the test moves
 
     def after(i, loop, model):
         if how == "signal" and i == 5:
@@ -430,7 +474,7 @@ def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch, how):
         assert loop.stop_reason == "time budget" and loop.s["step"] == 4 and loop.history["step"] == [4]
         done, window = 4, []
     else:
-        with pytest.raises(common.Interrupted if how == "signal" else RuntimeError) as e:
+        with pytest.raises(harness.Interrupted if how == "signal" else RuntimeError) as e:
             train(run, 10, 5, after=after)
         if how == "signal":
             assert str(e.value) == "SIGTERM"
@@ -440,24 +484,24 @@ def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch, how):
     assert ck["loop"]["step"] == done and ck["loop"]["open"] == window and ck["loop"]["losses"] == losses[:done - len(
         window)]
     assert all(torch.equal(ck["model"][k], v) for k, v in weights[done - 1].items())  # the state after step `done`
-    resumed, model = train(common.Run("demo", run_args(tmp_path, "r2")), 10, 5, resume=ck, model_seed=99)
+    resumed, model = train(harness.Run("demo", run_args(tmp_path, "r2")), 10, 5, resume=ck, model_seed=99)
     assert resumed.start == done and resumed.s["step"] == 10
     assert resumed.s["losses"] == losses and same_weights(model, weights[-1])
 
 
 def test_a_nan_loss_names_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
     losses, weights = reference(10)
-    run = common.Run("demo", run_args(tmp_path))
+    run = harness.Run("demo", run_args(tmp_path))
     path = run.path("checkpoint.pt")
-    with pytest.raises(common.RunError) as e:  # step 6 (index 5) goes NaN: found when its window closes at step 8
+    with pytest.raises(harness.RunError) as e:  # step 6 (index 5) goes NaN: found when its window closes at step 8
         train(run, 10, 4, before=lambda i, loss: loss * float("nan") if i == 5 else loss)
     assert str(e.value) == f"loss is nan at step 6; the last good checkpoint is kept at {path}"
     ck = load(path)
     assert ck["loop"]["step"] == 4 and all(torch.equal(ck["model"][k], v) for k, v in weights[3].items())
     assert not [f for f in os.listdir(run.dir) if ".tmp" in f]
 
-    run = common.Run("demo", run_args(tmp_path, "early"))
-    with pytest.raises(common.RunError) as e:  # in the first window: nothing to keep yet
+    run = harness.Run("demo", run_args(tmp_path, "early"))
+    with pytest.raises(harness.RunError) as e:  # in the first window: nothing to keep yet
         train(run, 10, 4, before=lambda i, loss: loss + float("inf") if i == 1 else loss)
     assert str(e.value) == "loss is inf at step 2; no checkpoint was written yet"
     assert not os.path.exists(run.path("checkpoint.pt"))
@@ -466,8 +510,8 @@ def test_a_nan_loss_names_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
         if i == 7:
             with torch.no_grad():
                 model.weight[0, 0] = float("inf")
-    run = common.Run("demo", run_args(tmp_path, "weights"))
-    with pytest.raises(common.RunError) as e:
+    run = harness.Run("demo", run_args(tmp_path, "weights"))
+    with pytest.raises(harness.RunError) as e:
         train(run, 10, 4, after=poison)
     assert str(e.value) == f"a weight is not finite after step 8; the last good checkpoint is kept at " \
                            f"{run.path('checkpoint.pt')}"
@@ -478,7 +522,7 @@ def test_early_stopping_after_patience_evaluations_without_a_new_best(tmp_path):
     """val_loss 5, 4 (best), 4.5 (1), 3 (best: back to 0), 4 (1), 3 (equal is not better: 2 = patience): stop at the
     6th evaluation, step 12."""
     losses, _ = reference(12)
-    run = common.Run("demo", run_args(tmp_path))
+    run = harness.Run("demo", run_args(tmp_path))
     loop, _ = train(run, 100, 2, vals=[5.0, 4.0, 4.5, 3.0, 4.0, 3.0, 0.1, 0.1], patience=2)
     assert loop.stop_reason == "early stopping" and loop.s["step"] == 12
     assert loop.history["val_loss"] == [5.0, 4.0, 4.5, 3.0, 4.0, 3.0] and loop.history["step"] == [2, 4, 6, 8, 10, 12]
@@ -495,8 +539,8 @@ def test_a_loop_without_a_run_writes_nothing_and_still_checks(tmp_path):
     losses, _ = reference(6)
     loop, _ = train(None, 6, 4)
     assert loop.s["losses"] == losses and loop.path is None
-    with pytest.raises(common.RunError, match="^loss is nan at step 3; no checkpoint was written yet$"):
+    with pytest.raises(harness.RunError, match="^loss is nan at step 3; no checkpoint was written yet$"):
         train(None, 6, 4, before=lambda i, loss: loss * float("nan") if i == 2 else loss)
-    with pytest.raises(common.Interrupted):
+    with pytest.raises(harness.Interrupted):
         train(None, 6, 4, after=lambda i, loop, model: setattr(loop, "signal", "SIGINT") if i == 0 else None)
-    assert common.TrainLoop.active is None
+    assert harness.TrainLoop.active is None

@@ -1,7 +1,7 @@
 """The live run dashboard (assets/dashboard.html, which serve_dashboard.sh installs in the outputs root), in a real
 browser, and serve_dashboard.sh itself (bad ports, a port in use, no run yet).
 
-A local http.server serves a temp outputs folder and records every request; the test plays the run (common.Run
+A local http.server serves a temp outputs folder and records every request; the test plays the run (harness.Run
 writing status.json, metrics.json and PNGs) while headless chromium shows the page. Chromium is driven over the
 DevTools protocol on --remote-debugging-pipe: commands go in on the browser's fd 3 and answers come out on its fd 4,
 each a JSON message ending in a NUL byte, so no websocket library is needed.
@@ -32,7 +32,7 @@ import pytest
 
 fcntl = pytest.importorskip("fcntl")  # the pipe set-up below is POSIX-only
 
-import common
+import harness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSET = os.path.join(ROOT, "assets", "dashboard.html")
@@ -57,7 +57,7 @@ def write_figure(run, name, rgb=(200, 60, 60)):
 
 
 def make_run(out, run_id, script="fake_script"):
-    return common.Run(script, argparse.Namespace(out=str(out), run_id=run_id, quick=False))
+    return harness.Run(script, argparse.Namespace(out=str(out), run_id=run_id, quick=False))
 
 
 def say(request, line):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import harness
 import ddim_sample
 import ddpm_mnist_cfg
 from conftest import digit_images, run_in_process, run_script
@@ -18,10 +19,10 @@ from conftest import digit_images, run_in_process, run_script
 
 @pytest.fixture(autouse=True)
 def no_leftover_harness_state():
-    """Run.active / TrainLoop.active are process-wide; common.main installs signal handlers: restore all three."""
+    """Run.active / TrainLoop.active are process-wide; harness.main installs signal handlers: restore all three."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
-    common.Run.active = common.TrainLoop.active = None
+    harness.Run.active = harness.TrainLoop.active = None
     for s, h in handlers.items():
         signal.signal(s, h)
 
@@ -288,7 +289,7 @@ def test_quick_trains_its_tiny_model_with_ddpm_mnist_cfgs_own_functions(tiny_mni
     quick_steps = ddpm_mnist_cfg.PRESETS["quick"]["train_steps"]
     assert ddpm_mnist_cfg.parse_args(ddim_sample.QUICK_TRAIN).train_steps == quick_steps
     data = common.load_image_dataset(targs.dataset, targs.data_root, train=True, val_size=targs.val_size)
-    run = common.Run(ddim_sample.SCRIPT, targs)
+    run = harness.Run(ddim_sample.SCRIPT, targs)
     eps_model, sched = ddim_sample.train_tiny(targs, data, run, torch.device("cpu"))
     assert sched.T == 50 and not any(p.requires_grad for p in eps_model.parameters())
     loaded, _, cfg = ddpm_mnist_cfg.load_eps_model(run.path("checkpoint.pt"), "cpu")

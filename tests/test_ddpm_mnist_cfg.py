@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import harness
 import ddpm_mnist_cfg
 from conftest import ROOT, run_in_process, run_script
 
@@ -21,10 +21,10 @@ S = 0.008
 
 @pytest.fixture(autouse=True)
 def no_leftover_harness_state():
-    """Run.active / TrainLoop.active are process-wide; common.main installs signal handlers: restore all three."""
+    """Run.active / TrainLoop.active are process-wide; harness.main installs signal handlers: restore all three."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
-    common.Run.active = common.TrainLoop.active = None
+    harness.Run.active = harness.TrainLoop.active = None
     for s, h in handlers.items():
         signal.signal(s, h)
 

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import common
 import edm_mnist
 from conftest import interrupt, run_in_process, run_script
 
@@ -140,7 +141,7 @@ def test_heun_costs_2n_minus_1_evaluations(steps):
 def test_unet_shapes_and_the_figure_drawn_from_the_plain_module(tmp_path):
     net = edm_mnist.UNet((8, 16, 32))
     assert net(torch.randn(2, 1, 28, 28), torch.zeros(2)).shape == (2, 1, 28, 28)
-    rows = edm_mnist.figure_unet(str(tmp_path / "unet.png"), net)
+    rows = common.figure_network(str(tmp_path / "unet.png"), net, (torch.randn(1, 1, 28, 28), torch.zeros(1)), "F")
     assert [r[0] for r in rows] == ["stem", "enc28", "down14", "enc14", "down7", "mid1", "mid2", "up14", "dec14",
                                     "up28", "dec28", "out"]
     assert [r[4] for r in rows] == [28, 28, 14, 14, 7, 7, 7, 14, 14, 28, 28, 28]
@@ -310,7 +311,7 @@ def checkpoint_file(tmp_path, case, quick_run):
     path = str(tmp_path / f"{case}.pt")
     if case == "other":
         torch.save({"script": "ddpm_mnist_cfg", "kind": "model", "config": {}}, path)
-    elif case == "old":  # the format before the training loop moved to common.TrainLoop
+    elif case == "old":  # the format before the training loop moved to harness.TrainLoop
         torch.save({"script": "edm_mnist", "kind": "model", "config": {}, "model": {}, "ema": {}, "step": 3}, path)
     else:  # truncated
         data = open(os.path.join(quick_run[1], "checkpoint.pt"), "rb").read()

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import common
+import harness
 import emnist_ddp as E
 from conftest import ROOT, core_namespace
 
@@ -34,7 +35,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # step it stops after is known. Only in the first attempt: a worker group that torchrun restarts runs undisturbed.
 WRAPPER_SOURCE = """import os, signal, sys
 sys.path.insert(0, ROOT)
-import common, emnist_ddp
+import emnist_ddp, harness
 at, sig, rank = (os.environ.pop("SIGNAL_AT") + ":0").split(":")[:3]
 update = emnist_ddp.ema_update
 def ema_update(ema, model, n, decay):
@@ -43,7 +44,7 @@ def ema_update(ema, model, n, decay):
         os.kill(os.getpid(), signal.Signals[sig])
     return update(ema, model, n, decay)
 emnist_ddp.ema_update, sys.argv[0] = ema_update, "emnist_ddp.py"
-common.main(emnist_ddp.main)
+harness.main(emnist_ddp.main)
 """
 
 
@@ -187,7 +188,7 @@ def test_unet_shapes_for_three_and_four_levels():
 def test_global_batch_noise_does_not_depend_on_world_size():
     args = type("A", (), dict(batch_size=6, image_size=4, T=50, p_uncond=0.5))()
     draw = lambda rank, world: E.global_batch_noise(torch.Generator().manual_seed(3), args,  # noqa: E731
-                                                    common.Processes({"RANK": rank, "WORLD_SIZE": world}))
+                                                    harness.Processes({"RANK": rank, "WORLD_SIZE": world}))
     full, parts = draw(0, 1), [draw(r, 2) for r in (0, 1)]
     for k in range(3):  # rank r holds the global positions r, r + 2, ...
         assert torch.equal(full[k][0::2], parts[0][k]) and torch.equal(full[k][1::2], parts[1][k])
@@ -233,7 +234,7 @@ def test_bad_files_are_named_before_anything_is_written(tmp_path, monkeypatch):
                              ("--data-root", tmp_path / "nowhere", "emnist-balanced not found in .*nowhere")):
         monkeypatch.setattr(sys, "argv", ["emnist_ddp.py", "--quick", flag, str(path), "--out", str(tmp_path / "out")])
         with pytest.raises(common.UsageError, match=says):
-            E.prepare(common.Processes({}))
+            E.prepare(harness.Processes({}))
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "nowhere")
 
 
@@ -254,7 +255,7 @@ def test_a_checkpoint_of_the_older_format_is_sampled_but_not_resumed(tmp_path, m
     assert os.path.isfile(os.path.join(d, "dashboard.png"))  # the curves of the run that wrote it
     monkeypatch.setattr(sys, "argv", ["emnist_ddp.py", "--resume", path, "--out", out])
     with pytest.raises(common.UsageError, match="older format"):
-        E.prepare(common.Processes({}))
+        E.prepare(harness.Processes({}))
 
 
 # ----------------------------------------------------------------------------- torchrun, 2 CPU processes
@@ -426,11 +427,11 @@ def test_resume_auto_and_a_restarted_group_continue_the_run_folder(runs, monkeyp
                                ({"TORCHELASTIC_MAX_RESTARTS": "1"}, ["--run-id", "new"], None),
                                ({}, ["--resume", "auto", "--run-id", "new"], None)):
         monkeypatch.setattr(sys, "argv", ["emnist_ddp.py", *runs["args"], *flags])
-        assert E.prepare(common.Processes(env))[0].resume == resume, (env, flags)
+        assert E.prepare(harness.Processes(env))[0].resume == resume, (env, flags)
     for env, flags in (({}, ["--resume", "auto"]), ({"TORCHELASTIC_MAX_RESTARTS": "1"}, [])):
         monkeypatch.setattr(sys, "argv", ["emnist_ddp.py", *runs["args"], *flags])
         with pytest.raises(common.UsageError, match="need --run-id"):
-            E.prepare(common.Processes(env))
+            E.prepare(harness.Processes(env))
 
 
 @pytest.mark.parametrize("flags, says", [

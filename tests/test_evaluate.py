@@ -10,6 +10,7 @@ import scipy.linalg
 import torch
 
 import common
+import harness
 import evaluate
 from conftest import run_script
 
@@ -133,7 +134,7 @@ def test_score_checks_its_input_before_training_a_judge(tmp_path, tiny_mnist):
     kw = dict(dataset="mnist", data_root=tiny_mnist, out_root=str(tmp_path), device="cpu", judge_epochs=0.05)
     x = torch.zeros(4, 1, 28, 28)
     cases = [(x[:1], None, common.UsageError, "FID needs at least 2 samples"),
-             (torch.full((4, 1, 28, 28), float("nan")), None, common.RunError, "4 of 4 images hold NaN or inf"),
+             (torch.full((4, 1, 28, 28), float("nan")), None, harness.RunError, "4 of 4 images hold NaN or inf"),
              (x, torch.tensor([0, 1, 2]), common.UsageError, "labels: 3 labels for 4 samples"),
              (x, torch.tensor([0, 1, 2, 12]), common.UsageError, r"labels must be integers in \[0, 10\), got max 12"),
              (x, {"labels": 1}, common.UsageError, "got a dict")]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import harness
 import edm_mnist
 import edm_posterior
 import evaluate
@@ -188,7 +189,7 @@ def test_ensemble_resumes_to_the_same_draws(tmp_path):
 
 def test_saved_draws_of_other_settings_or_corrupt_are_named(tmp_path):
     path = str(tmp_path / "partial_obs20.pt")
-    common.save_atomic({"settings": {"guidance": "dps", "zeta": 4.0}, "batches": []}, path)
+    harness.save_atomic({"settings": {"guidance": "dps", "zeta": 4.0}, "batches": []}, path)
     with pytest.raises(common.UsageError, match=r"partial_obs20.pt holds draws of other settings \(guidance differ"):
         svd_posterior.load_saved(path, {"guidance": "masked", "zeta": 4.0})
     open(path, "wb").write(b"not a torch file")
@@ -299,7 +300,7 @@ def test_svd_rerun_continues_a_partial_ensemble(svd_run, tmp_path):
     d, args = copy_run(svd_run, tmp_path)
     snap = torch.load(d / "snapshots_obs20.pt")
     os.remove(d / "snapshots_obs20.pt")
-    common.save_atomic({"settings": snap["settings"], "batches": [snap["draws"][:5]]}, d / "partial_obs20.pt")
+    harness.save_atomic({"settings": snap["settings"], "batches": [snap["draws"][:5]]}, d / "partial_obs20.pt")
     r = run_in_process(svd_posterior, *args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.equal(torch.load(d / "snapshots_obs20.pt")["draws"], snap["draws"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import classifier_guidance_states
-import common
+import harness
 import ddpm_states
 from conftest import interrupt, run_in_process, run_script
 
@@ -131,9 +131,9 @@ def test_reverse_nll_floor_covers_every_state():
 
 def test_kde_refuses_non_finite_or_degenerate_points():
     ref = torch.randn(50, 2)
-    with pytest.raises(common.RunError, match="not finite"):
+    with pytest.raises(harness.RunError, match="not finite"):
         ddpm_states.nll_score(torch.tensor([[0.0, float("nan")]]), ref)
-    with pytest.raises(common.RunError, match="singular"):
+    with pytest.raises(harness.RunError, match="singular"):
         ddpm_states.nll_score(ref, torch.zeros(50, 2))
 
 
@@ -291,7 +291,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_weights(tmp_path, 
     monkeypatch.setattr(ddpm_states.EpsMLP, "forward", poisoned)
     monkeypatch.setattr("sys.argv", ["ddpm_states.py", "--quick", "--out", str(tmp_path), "--run-id", "nan"])
     with pytest.raises(SystemExit) as e:
-        common.main(ddpm_states.main)
+        harness.main(ddpm_states.main)
     assert e.value.code == 1
     d = tmp_path / "ddpm_states" / "nan"
     status = read(d, "status.json")
@@ -318,7 +318,7 @@ def test_classifier_nan_stops_with_the_step_and_keeps_the_last_good_classifier(d
     monkeypatch.setattr("sys.argv", ["classifier_guidance_states.py", "--quick", "--checkpoint",
                                      os.path.join(ddpm_run, "denoiser.pt"), "--out", str(tmp_path), "--run-id", "nan"])
     with pytest.raises(SystemExit):
-        common.main(classifier_guidance_states.main)
+        harness.main(classifier_guidance_states.main)
     d = tmp_path / "classifier_guidance_states" / "nan"
     status = read(d, "status.json")
     assert status["state"] == "failed" and "at step 61" in status["message"]
