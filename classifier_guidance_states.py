@@ -98,7 +98,7 @@ def train_classifier(clf, sched, x, y, xv, yv, args, run, resume=None):
     xv_t = ddpm_states.q_sample(xv, iv, torch.randn(xv.shape, generator=g).to(device), sched)
     state = {"model": clf, "optimizer": opt, "lr_sched": lr_sched}
     loop = harness.TrainLoop(run, args.train_steps, args.eval_every, state, args.seed, vars(args),
-                            run.path("classifier.pt"), "classifier", resume)
+                             run.path("classifier.pt"), "classifier", resume)
     for step in loop:
         idx = torch.randint(0, len(x), (args.batch_size,), generator=loop.gen).to(device)
         i = torch.randint(0, sched.T, (args.batch_size,), generator=loop.gen).to(device)

@@ -26,8 +26,7 @@ def make_parser(doc, presets=None):
     --quick selects 'quick', --preset any other; a flag given on the command line always wins."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    rank = f"rank {os.environ.get('RANK', 0)}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""  # under torchrun
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {rank}{message} (see --help)\n")  # one line, no usage
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {rank_tag()}{message} (see --help)\n")  # one line, no usage
     p.presets, named = presets or {}, [k for k in presets or {} if k != "quick"]
     if len(named) > 1:
         p.add_argument("--preset", choices=named, default=named[0], help="the configuration whose defaults apply")
@@ -37,6 +36,12 @@ def make_parser(doc, presets=None):
     p.add_argument("--out", default="outputs", help="root folder; the run goes to OUT/<script>/<run-id>/")
     p.add_argument("--run-id", default=None, help="name of the run folder; a timestamp when not given")
     return p
+
+
+def rank_tag(env=os.environ):
+    """'rank N: ' in a process of a torchrun launch of several (each checks the same input: its error says which rank
+    failed first), else ''."""
+    return f"rank {env.get('RANK', '0')}: " if env.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") else ""
 
 
 def parse(p, argv=None):
@@ -55,7 +60,6 @@ def parse(p, argv=None):
         p.error(f"--out {args.out}: cannot write there ({probe} is {'read-only' if os.path.isdir(probe) else 'a file'}"
                 ")")
     return args
-
 
 
 def num(kind=int, lo=None, hi=None, open_lo=False):

@@ -236,8 +236,8 @@ def train(eps_model, sched, data, args, run, resume=None):
     opt = torch.optim.AdamW(eps_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=args.lr_patience)
     loop = harness.TrainLoop(run, args.train_steps, args.eval_every, {"model": eps_model, "ema": ema, "optimizer": opt,
-                            "plateau": plateau}, args.seed, vars(args), resume=resume, max_minutes=args.max_minutes,
-                            patience=args.patience, script=SCRIPT)  # a ddpm_mnist_cfg checkpoint, whoever trains
+                             "plateau": plateau}, args.seed, vars(args), resume=resume, max_minutes=args.max_minutes,
+                             patience=args.patience, script=SCRIPT)  # a ddpm_mnist_cfg checkpoint, whoever trains
     for step in loop:
         idx = torch.randint(0, len(x), (args.batch_size,), generator=loop.gen)
         u = torch.rand(args.batch_size, generator=loop.gen).to(device)  # label dropout where u < p_uncond

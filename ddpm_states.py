@@ -202,8 +202,8 @@ def train(eps_model, sched, x, xv, args, run, resume=None):
     iv = torch.randint(0, sched.T, (len(xv),), generator=g).to(device)
     ev = torch.randn(xv.shape, generator=g).to(device)
     loop = harness.TrainLoop(run, args.train_steps, args.eval_every, {"model": eps_model, "optimizer": opt,
-                            "lr_sched": lr_sched}, args.seed, vars(args), run.path("denoiser.pt"), "denoiser", resume,
-                            script=SCRIPT)
+                             "lr_sched": lr_sched}, args.seed, vars(args), run.path("denoiser.pt"), "denoiser", resume,
+                             script=SCRIPT)
     for step in loop:
         idx = torch.randint(0, len(x), (args.batch_size,), generator=loop.gen)
         i = torch.randint(0, sched.T, (args.batch_size,), generator=loop.gen).to(device)
@@ -237,7 +237,7 @@ def kde_logpdf(points, reference, chunk=2048):
     n, d = r.shape
     if not (torch.isfinite(x).all() and torch.isfinite(r).all()):
         raise harness.RunError(f"cannot score: {int((~torch.isfinite(x)).any(1).sum())} of {len(x)} samples are "
-                              f"not finite (the model diverged)")
+                               f"not finite (the model diverged)")
     L, info = torch.linalg.cholesky_ex(torch.cov(r.T).reshape(d, d) * n ** (-2.0 / (d + 4)))
     if info:
         raise harness.RunError(f"cannot score: the {n} reference points have a singular covariance (all on a line?)")
@@ -284,7 +284,7 @@ def scatter(path, points, labels=None, background=None, title="", names=None):
     common.save_fig(fig, path)
 
 
-def plot_panels(path, panels, background, title):
+def scatter_panels(path, panels, background, title):
     """A row of scatter plots: panels is a list of (caption, points)."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
@@ -358,11 +358,11 @@ def main():
                        title="noise-prediction MSE")
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     sched_cpu = Schedule(linear_beta(args.T, args.beta_start, args.beta_end))
-    plot_panels(run.path("forward_process.png"), [(f"t={i + 1}", q_sample(x, torch.full((len(x),), i), eps, sched_cpu))
-                                                  for i in (0, args.T // 10, args.T // 4, args.T // 2, args.T - 1)],
-                x, "forward process q(x_t | x_0)")
-    plot_panels(run.path("reverse_process.png"), [(f"t={t}", pts) for t, pts in traj], x,
-                "reverse process: x_t while sampling")
+    shown = (0, args.T // 10, args.T // 4, args.T // 2, args.T - 1)  # indices i = t - 1
+    forward = [(f"t={i + 1}", q_sample(x, torch.full((len(x),), i), eps, sched_cpu)) for i in shown]
+    scatter_panels(run.path("forward_process.png"), forward, x, "forward process q(x_t | x_0)")
+    scatter_panels(run.path("reverse_process.png"), [(f"t={t}", pts) for t, pts in traj], x,
+                   "reverse process: x_t while sampling")
     run.finish()
     print(f"NLL {metrics['nll']:.3f} (floor {metrics['nll_floor']:.3f}), reverse NLL {metrics['reverse_nll']:.3f} "
           f"(floor {metrics['reverse_nll_floor']:.3f}), nn_dist {metrics['nn_dist']:.4f} -> {run.dir}")

@@ -196,8 +196,8 @@ def train(D, x, args, run, resume=None):
     opt = torch.optim.AdamW(D.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(x) / args.batch_size)
     loop = harness.TrainLoop(run, args.train_steps or args.epochs * steps_per_epoch, args.eval_every,
-                            {"model": D, "ema": ema, "optimizer": opt}, args.seed, vars(args), kind="model",
-                            resume=resume, max_minutes=args.max_minutes)
+                             {"model": D, "ema": ema, "optimizer": opt}, args.seed, vars(args), kind="model",
+                             resume=resume, max_minutes=args.max_minutes)
     D.train()
     for step in loop:
         epoch, b = divmod(step, steps_per_epoch)

@@ -296,8 +296,8 @@ def train(args, x, y, model, ema, device, dd, run, resume):
     sched, steps, grad_norms, t0 = Schedule(cosine_beta(args.T), device), len(x) // args.batch_size, [], time.time()
     state = {"model": model, "ema": ema, "optimizer": opt, "warmup": warmup}
     loop = harness.TrainLoop(run, args.epochs * steps, args.eval_every or steps, state, args.seed, vars(args),
-                            run and run.path("checkpoints/latest.pt"), "model", resume, args.max_minutes,
-                            reduce=dd.reduce if dd.world > 1 else None)
+                             run and run.path("checkpoints/latest.pt"), "model", resume, args.max_minutes,
+                             reduce=dd.reduce if dd.world > 1 else None)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dd.world > 1 else model
     sampler = DistributedSampler(range(len(x)), dd.world, dd.rank, shuffle=True, seed=args.seed, drop_last=True)
     for step in loop:
@@ -487,7 +487,7 @@ def prepare(dd):
     ckpt = harness.load_checkpoint(path, SCRIPT, "model") if path else None
     if ckpt:  # the settings of the run that wrote it; one of the older format (no "loop") is sampled, not resumed
         args = harness.resumed(args, ckpt if args.resume else {"loop": None, **ckpt},
-                              may_change=("epochs", "max_minutes", "eval_every", "checkpoint", *SAMPLING))
+                               may_change=("epochs", "max_minutes", "eval_every", "checkpoint", *SAMPLING))
         args.channels, args.no_sample = tuple(args.channels), args.no_sample and not args.checkpoint
     if args.batch_size % dd.world:
         raise common.UsageError(f"global --batch-size {args.batch_size} is not divisible by the world size {dd.world}")
@@ -507,7 +507,7 @@ def main():
     args, ckpt, data = prepare(dd)  # a usage error: whichever rank fails first prints its line (harness.main)
     if args.checkpoint and dd.rank:
         return  # sampling a checkpoint is rank 0's work
-    device = dd.device
+    device = dd.use()  # this rank's GPU becomes the current device (or the CPU)
     torch.manual_seed(args.seed)  # identical initial weights everywhere (DDP also broadcasts rank 0's at wrap time)
     model, ema = UNet(args.channels).to(device), UNet(args.channels).to(device)
     ema.load_state_dict(ckpt["ema"] if args.checkpoint else model.state_dict())

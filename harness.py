@@ -15,7 +15,7 @@ from datetime import datetime
 import torch
 import torch.distributed as dist
 
-from common import UsageError, progress_bar
+from common import UsageError, progress_bar, rank_tag
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -34,7 +34,8 @@ def load_checkpoint(path, script, kind=None):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temp file (in a folder made if need be), then rename: a crash mid-write never leaves half a file."""
+    """torch.save to a temp file (its folder made if need be), then rename: a crash mid-write never leaves half a
+    file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(obj, f"{path}.tmp{os.getpid()}")
     os.replace(f"{path}.tmp{os.getpid()}", path)
@@ -135,7 +136,7 @@ def main(fn):
     try:
         return fn()
     except UsageError as e:  # under torchrun every rank checks the input alike: the line says which rank failed first
-        code, state, msg = 2, "failed", Processes().tag + str(e)
+        code, state, msg = 2, "failed", rank_tag() + str(e)
     except RunError as e:
         code, state, msg = 1, "failed", str(e)
     except KeyboardInterrupt as e:
@@ -255,26 +256,29 @@ class TrainLoop:
 # ----------------------------------------------------------------------------- several processes (torchrun)
 class Processes:
     """This process's place in a torchrun launch (one machine or several, under Slurm or not), from the environment
-    torchrun sets (rank 0 of 1 without it), and how training with several processes ends (`watch`). `tag` begins
-    the line of a usage error in a multi-process run (`main`, `common.make_parser`): which rank failed."""
+    torchrun sets (rank 0 of 1 without it), and how training with several processes ends (`watch`)."""
 
     def __init__(self, env=os.environ):
         self.rank, self.local_rank = int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
         self.world, self.restarts = int(env.get("WORLD_SIZE", 1)), int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
         self.max_restarts, self.device, self.stepping = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)), None, False
-        self.tag = f"rank {self.rank}: " if self.world > 1 else ""
 
     def place(self, device):
-        """This process's device: on CUDA the local rank's GPU (made the current one), else `device` itself."""
+        """This process's device: on CUDA the local rank's GPU, else `device` itself. Nothing is touched yet: a rank
+        that only checks its input and leaves never opens a GPU (`use` makes it the current device)."""
         self.device = torch.device("cuda", self.local_rank) if device.type == "cuda" else device
+        return self.device
+
+    def use(self):
+        """The device `place` chose, made the current CUDA device on a GPU."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         return self.device
 
     def start(self, backend="auto"):
-        """The process group (backend auto: nccl on CUDA, gloo otherwise) on torchrun's key-value store (the agent's, or rank 0's under
-        TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), kept here for the roll-call: destroying the group does not close it;
-        and a gloo group on the CPU for the TrainLoop's reduce."""
+        """The process group, after `place` (backend auto: nccl on CUDA, gloo otherwise), on torchrun's key-value store
+        (the agent's, or rank 0's under TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), kept here for the roll-call: destroying
+        the group does not close it; and a gloo group on the CPU for the TrainLoop's reduce."""
         timeout, backend = dt.timedelta(minutes=30), backend if backend != "auto" else \
             "nccl" if self.device.type == "cuda" else "gloo"
         self.store = next(dist.rendezvous("env://", self.rank, self.world, timeout=timeout))[0]

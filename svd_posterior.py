@@ -193,7 +193,7 @@ def main(argv=None):
         secs = time.time() - t0
         X, s_raw, s_c, U = snapshot_svd(draws)
         harness.save_atomic({"settings": settings[e], "X": X.float(), "s_raw": s_raw, "s_centered": s_c,
-                            "draws": draws, "x_true": x_true, "mask": mask}, run.path(f"snapshots_{name}.pt"))
+                             "draws": draws, "x_true": x_true, "mask": mask}, run.path(f"snapshots_{name}.pt"))
         if os.path.isfile(run.path(f"partial_{name}.pt")):
             os.remove(run.path(f"partial_{name}.pt"))  # the snapshots file now holds every draw
         spectra_e = exact_spectra(D, mask, y) if args.exact_prior else {}

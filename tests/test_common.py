@@ -249,6 +249,8 @@ def test_out_must_take_the_run_before_any_work(tmp_path, capsys, monkeypatch):
 def test_under_torchrun_a_usage_error_names_the_rank(tmp_path, capsys, monkeypatch):
     """Every rank checks the same input; the line of whichever fails first must say which rank it is, both for a
     flag argparse rejects and for a UsageError raised later; a single process says nothing of ranks."""
+    assert (common.rank_tag({}), common.rank_tag({"RANK": "2", "WORLD_SIZE": "1"})) == ("", "")
+    assert common.rank_tag({"RANK": "2", "WORLD_SIZE": "4"}) == "rank 2: "
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert "error: rank 3: argument --seed: invalid int value" in exits_2(capsys, ["--seed", "x"])
@@ -294,17 +296,26 @@ def test_plot_helpers_draw_what_they_are_given(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "save_fig", lambda fig, path: (figs.append(fig), save(fig, path)))
     xs = np.arange(1, 5)
     common.plot_panels(str(tmp_path / "p.png"), [
-        dict(curves={"a": (xs, xs ** 2, "o-"), "b": (xs, xs, "k*", {"ms": 12})}, floor=2.0, logy=True),
+        dict(curves={"a": (xs, xs ** 2, "o-"), "b": (xs, xs, "k*", {"ms": 12})}, floor=2.0, logx=True, logy=True,
+             title="first", ylabel="FID"),
         dict(curves={"c": (xs, -xs)}, band=(xs, -xs - 1, -xs + 1)), dict(curves={"d": (xs, xs)})], ncols=2)
-    common.image_row(str(tmp_path / "r.png"), [(torch.zeros(1, 1, 28, 28), "zero", dict(cmap="gray")),
+    common.plot_panels(str(tmp_path / "q.png"), [dict(curves={"e": (xs, xs)}), dict(curves={"f": (xs, xs)})])
+    common.image_row(str(tmp_path / "r.png"), [(torch.zeros(1, 1, 28, 28), "zero", dict(cmap="gray", vmin=-1, vmax=1)),
                                                (torch.rand(28, 28), "heat", dict(cmap="magma", colorbar=True))], "t")
-    panels, row = figs
+    panels, one_row, row = figs
     shown = [ax for ax in panels.axes if ax.axison]
     assert len(panels.axes) == 4 and len(shown) == 3
     assert [len(ax.lines) for ax in shown] == [3, 1, 1]  # a, b and the floor's line; c; d
-    assert shown[0].get_yscale() == "log" and len(shown[1].collections) == 1  # the band
-    assert shown[0].lines[1].get_markersize() == 12
+    assert (shown[0].get_xscale(), shown[0].get_yscale(), shown[1].get_yscale()) == ("log", "log", "linear")
+    assert list(shown[0].lines[2].get_ydata()) == [2.0, 2.0]  # the floor, at its y
+    assert (shown[0].get_title(), shown[0].get_ylabel()) == ("first", "FID")
+    assert [t.get_text() for t in shown[0].get_legend().get_texts()] == ["a", "b", "real-data floor"]
+    assert len(shown[1].collections) == 1 and shown[0].lines[1].get_markersize() == 12  # the band; b's keywords
+    assert len({ax.get_position().y0 for ax in one_row.axes}) == 1  # without ncols: one row
     assert len(row.axes) == 3 and sum(len(ax.images) for ax in row.axes) == 2  # two images and one colour bar
+    gray = row.axes[0].images[0]
+    assert (gray.get_cmap().name, gray.get_clim()) == ("gray", (-1, 1))
+    assert row.axes[0].get_title() == "zero" and row.axes[1].images[0].get_cmap().name == "magma"
     assert os.path.getsize(tmp_path / "p.png") > 1000 and os.path.getsize(tmp_path / "r.png") > 1000
     plt.close("all")
 
@@ -464,7 +475,7 @@ def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch, how):
 
     def after(i, loop, model):
         if how == "signal" and i == 5:
-            loop.signal = "SIGTERM"  # what common's handler does when SIGTERM arrives mid-step
+            loop.signal = "SIGTERM"  # what harness's handler does when SIGTERM arrives mid-step
         if how == "crash" and i == 6:
             raise RuntimeError("the machine went away")
         if how == "time budget" and i == 2:
