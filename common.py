@@ -148,8 +148,8 @@ def plot_panels(path, panels, ncols=None, size=(4.5, 3.5)):
     (style: a format string, then a dict of keywords for plot), and optionally title, xlabel, ylabel, logx, logy,
     band (xs, lo, hi: shaded) and floor (a dashed line at that y: the real-data floor of a score)."""
     ncols = ncols or len(panels)
-    fig, axes = plt.subplots(math.ceil(len(panels) / ncols), ncols, figsize=(size[0] * ncols,
-                             size[1] * math.ceil(len(panels) / ncols)), squeeze=False)
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, p in zip(axes.flat, panels):

@@ -202,16 +202,18 @@ def study(eps_model, sched, dataset, args, run):
 
 def figure_quality(path, rows, no_eval):
     """Seconds per sample against steps, and (when scored) FID against steps and against seconds per sample."""
-    axes = [("steps", "s_per_sample")] + ([] if no_eval else [("steps", "fid"), ("s_per_sample", "fid")])
+    pairs = [("steps", "s_per_sample")] + ([] if no_eval else [("steps", "fid"), ("s_per_sample", "fid")])
     names = {"steps": "steps (model calls)", "s_per_sample": "seconds per sample", "fid": f"FID (N = {rows[0]['n']})"}
-    ddim = {}  # eta -> its rows
-    for r in sorted(rows[1:], key=lambda r: r["eta"]):  # rows[0] is the DDPM
+    ddim, ddpm = {}, rows[0]  # eta -> its rows in step order; rows[0] is the DDPM
+    for r in rows[1:]:
         ddim.setdefault(r["eta"], []).append(r)
-    common.plot_panels(path, [dict(
-        curves={**{f"DDIM eta={eta:g}": ([r[x] for r in ddim[eta]], [r[y] for r in ddim[eta]], "o-") for eta in ddim},
-                f"DDPM, T={rows[0]['steps']}": ([rows[0][x]], [rows[0][y]], "k*", {"ms": 12})},
-        xlabel=names[x], ylabel=names[y], logx=True, logy=True, floor=rows[0].get("fid_floor") if y == "fid" else None)
-        for x, y in axes], size=(4.5, 3.8))
+    panels = []
+    for x, y in pairs:
+        curves = {f"DDIM eta={e:g}": ([r[x] for r in rs], [r[y] for r in rs], "o-") for e, rs in sorted(ddim.items())}
+        curves[f"DDPM, T={ddpm['steps']}"] = ([ddpm[x]], [ddpm[y]], "k*", {"ms": 12})
+        panels.append(dict(curves=curves, xlabel=names[x], ylabel=names[y], logx=True, logy=True,
+                           floor=ddpm.get("fid_floor") if y == "fid" else None))
+    common.plot_panels(path, panels, size=(4.5, 3.8))
 
 
 @torch.no_grad()

@@ -298,11 +298,11 @@ def evaluate_run(D, args, run, device):
                       "mean_top_prob": s["mean_top_prob"], "seconds_per_sample": round(t / args.study_n, 5)})
         run.log(steps_study=study)
     steps = [r["steps"] for r in study]
-    axes = dict(xlabel="sampling steps N (2N - 1 evaluations)", logx=True, logy=True)
+    log_log = dict(xlabel="sampling steps N (2N - 1 evaluations)", logx=True, logy=True)
     common.plot_panels(run.path("steps_study.png"), [
-        dict(axes, curves={"samples": (steps, [r["fid"] for r in study], "o-")}, ylabel="FID",
+        dict(log_log, curves={"samples": (steps, [r["fid"] for r in study], "o-")}, ylabel="FID",
              floor=study[0]["fid_floor"], title=f"FID against N (n = {args.study_n})"),
-        dict(axes, curves={"samples": (steps, [1000 * r["seconds_per_sample"] for r in study], "o-")},
+        dict(log_log, curves={"samples": (steps, [1000 * r["seconds_per_sample"] for r in study], "o-")},
              ylabel="ms per sample", title=f"time per sample against N ({device.type})")])
 
 

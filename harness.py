@@ -173,9 +173,7 @@ class TrainLoop:
         self.path, self.max_s = path or run and run.path("checkpoint.pt"), 60 * max_minutes
         self.patience, self.reduce, self.gen = patience, reduce or (lambda x: x), torch.Generator().manual_seed(seed)
         self.s = {"step": 0, "losses": [], "history": {}, "best": math.inf, "bad": 0, "open": []}  # what resumes
-        if resume is not None:
-            if "loop" not in resume:
-                raise UsageError("this checkpoint holds no training state (an older format); it can be sampled only")
+        if resume is not None:  # a checkpoint that `resumed` accepted
             for k, obj in state.items():
                 obj.load_state_dict(resume[k])
             self.s = {k: v for k, v in resume["loop"].items() if k != "gen"}
