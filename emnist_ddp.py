@@ -238,38 +238,14 @@ def global_batch_noise(gen, args, dd):
 
 def window_row(loop, model, ema, opt, args, device, grad_norms, t0, steps):
     """The metrics of the window that ends now (an epoch, unless --eval-every is shorter) for loop.evaluate, which keeps
-    them in its history and checkpoint; `table` adds the statistics of the window's losses."""
+    them in its history and checkpoint; `harness.window_rows` adds the statistics of the window's losses."""
     secs, done = time.time() - t0, loop.s["step"] + 1
     flat = nn.utils.parameters_to_vector
     div, n = float((flat(model.parameters()) - flat(ema.parameters())).detach().norm()), len(grad_norms)
     return {"epoch": done // steps if done % steps == 0 else round(done / steps, 3), "lr": opt.param_groups[0]["lr"],
             "grad_norm": float(torch.stack(grad_norms).mean()), "samples_per_s": n * args.batch_size / secs,
-            "batches_per_s": n / secs, **memory_mb(device), "ema_divergence": div, "epoch_s": secs,
+            "batches_per_s": n / secs, **harness.memory_mb(device), "ema_divergence": div, "epoch_s": secs,
             "wall_s": (loop.history.get("wall_s") or [0.0])[-1] + secs}  # training time, summed over invocations
-
-
-def memory_mb(device):
-    """This rank's memory: CUDA allocated, reserved and peak (then reset: a peak per row), or the peak resident set."""
-    if device.type == "cuda":
-        out = {f"cuda_{k}_mb": f(device) / 2**20 for k, f in (("allocated", torch.cuda.memory_allocated),
-               ("reserved", torch.cuda.memory_reserved), ("peak", torch.cuda.max_memory_allocated))}
-        torch.cuda.reset_peak_memory_stats(device)
-        return out
-    import resource  # kilobytes on Linux
-    return {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
-
-
-def table(history, losses):
-    """metrics.csv's rows from the TrainLoop's history (a row per window: per epoch by default), each with the
-    statistics of its steps' losses (global-batch means, which the TrainLoop keeps in the checkpoint)."""
-    out, first = [], 0
-    for r in [dict(zip(history, v)) for v in zip(*history.values())]:
-        ls, _ = np.array(losses[first:r["step"]]), r.pop("train")  # "train" is the window's mean: loss_mean
-        out.append({"epoch": r.pop("epoch"), "step": r["step"], "loss_mean": float(ls.mean()),
-                    "loss_std": float(ls.std()), "loss_min": float(ls.min()), "loss_max": float(ls.max()),
-                    "loss_median": float(np.median(ls)), **r})
-        first = r["step"]
-    return out
 
 
 def write_metrics(run, args, dd, rows, checkpoint=None, epoch=0):
@@ -278,8 +254,8 @@ def write_metrics(run, args, dd, rows, checkpoint=None, epoch=0):
     whole, then renamed: a reader never sees half a file."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
-    run._write(run.path("metrics.csv"), "\n".join(lines) + "\n")
-    run._write(run.path("metrics_snapshot.json"), {"config": vars(args), "world_size": dd.world, "epochs": rows})
+    run.write(run.path("metrics.csv"), "\n".join(lines) + "\n")
+    run.write(run.path("metrics_snapshot.json"), {"config": vars(args), "world_size": dd.world, "epochs": rows})
     run.log(last_epoch=rows[-1], world_size=dd.world, restarts=dd.restarts)
     if epoch:
         c = "-".join(str(v) for v in args.channels)
@@ -319,7 +295,7 @@ def train(args, x, y, model, ema, device, dd, run, resume):
             loop.evaluate(**window_row(loop, model, ema, opt, args, device, grad_norms, t0, steps))
             grad_norms, t0 = [], time.time()
             if run:
-                write_metrics(run, args, dd, table(loop.history, loop.s["losses"]), loop.path,
+                write_metrics(run, args, dd, harness.window_rows(loop.s), loop.path,
                               epoch + 1 if k + 1 == steps else 0)
     return loop
 
@@ -379,22 +355,6 @@ def training_plots(run, rows):
     common.plot_panels(run.path("dashboard.png"), list(panels.values())[:9], ncols=3, size=(4.2, 3.0))
 
 
-def write_report(run, args, world, rows, scores):
-    """report.md: a model card (config, final figures, links to the plots)."""
-    lines = [f"# {SCRIPT}: class-conditional EMNIST-balanced DDPM (run {run.run_id})", "",
-             "Class-conditional DDPM (Ho et al. 2020), cosine schedule (Nichol & Dhariwal 2021), classifier-free "
-             "guidance (Ho & Salimans 2022); trained with DistributedDataParallel.", "", "## Configuration", "",
-             "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in {**vars(args), "world_size": world}.items()]
-    lines += ["", "## Final figures", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
-              for k, v in {**(rows[-1] if rows else {}), **scores}.items()]
-    lines += ["", "## Plots", ""] + [f"- [{f}]({f})" for f in sorted(os.listdir(run.dir)) if f[-4:] in (".png", ".gif")]
-    lines += ["", "Intended use: a reference implementation. Samples are synthetic handwriting; the judge scores are "
-              "on 28 x 28 and on the data root used (a reduced EMNIST gives figures not comparable with the full one)."]
-    run._write(run.path("report.md"), "\n".join(lines) + "\n")
-
-
 def evaluate_run(ema, args, device, run, rows, dd):
     """The curves, the grids, the denoising frames, N samples scored by the judge, and the report (rank 0)."""
     scores, sched = {}, Schedule(cosine_beta(args.T), device)
@@ -419,7 +379,12 @@ def evaluate_run(ema, args, device, run, rows, dd):
                                out_root=args.out, device=device, judge_epochs=args.judge_epochs)
             scores.update(eval=s, accuracy_gap_to_real=s["judge_test_accuracy"] - s["class_accuracy"])
         run.log(**scores)
-    write_report(run, args, dd.world, rows, scores)
+    run.report(f"{SCRIPT}: class-conditional EMNIST-balanced DDPM", [
+        "Class-conditional DDPM (Ho et al. 2020), cosine schedule (Nichol & Dhariwal 2021), classifier-free guidance "
+        "(Ho & Salimans 2022); trained with DistributedDataParallel.",
+        "Intended use: a reference implementation. Samples are synthetic handwriting; the judge scores are on 28 x 28 "
+        "and on the data root used (a reduced EMNIST gives figures not comparable with the full one)."],
+        config={**vars(args), "world_size": dd.world}, figures={**(rows[-1] if rows else {}), **scores})
 
 
 # ----------------------------------------------------------------------------- main
@@ -478,11 +443,7 @@ def prepare(dd):
     """Flags, checkpoint, device and data, all checked before any process group forms or any file is written. Every
     rank checks alike: all fail alike, and none waits in a collective for one that has left."""
     args = parse_args()
-    if not args.checkpoint and (args.resume == "auto" or dd.max_restarts) and not args.run_id:
-        raise common.UsageError("--resume auto and torchrun --max-restarts need --run-id: the run folder to continue")
-    if (args.resume == "auto" or dd.restarts) and not args.checkpoint:  # or torchrun restarted the group
-        latest = os.path.join(args.out, SCRIPT, args.run_id, "checkpoints", "latest.pt")
-        args.resume = latest if os.path.isfile(latest) else None
+    args.resume = dd.resume_from(args, SCRIPT)  # --resume auto, or torchrun restarted the group: the run's latest.pt
     path = args.resume or args.checkpoint
     ckpt = harness.load_checkpoint(path, SCRIPT, "model") if path else None
     if ckpt:  # the settings of the run that wrote it; one of the older format (no "loop") is sampled, not resumed
@@ -516,13 +477,13 @@ def main():
         dd.start(args.backend)
     run = harness.Run(SCRIPT, args) if dd.rank == 0 else None
     if args.checkpoint:  # the rows of the run that wrote it (an older checkpoint holds them whole)
-        rows = table(ckpt["loop"]["history"], ckpt["loop"]["losses"]) if "loop" in ckpt else ckpt.get("history", [])
+        rows = harness.window_rows(ckpt["loop"]) if "loop" in ckpt else ckpt.get("history", [])
     else:
         with dd.watch(run and run.path("checkpoints/latest.pt")):  # several ranks: one that dies is named
             loop = train(args, *data, model, ema, device, dd, run, ckpt)
         if dd.rank:
             return
-        rows = table(loop.history, loop.s["losses"])
+        rows = harness.window_rows(loop.s)
     torch.set_num_threads(os.cpu_count() or 1)  # rank 0 samples alone: every core (torchrun gave each process one)
     evaluate_run(ema.eval(), args, device, run, rows, dd)
     run.finish()

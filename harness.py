@@ -1,6 +1,7 @@
-"""harness.py: the run around a method: `Run` (the run folder: config, metrics, status), `main` (how a run ends:
-completed, interrupted or failed, with one line saying why), checkpoints, `TrainLoop` (what surrounds a training
-loop: resume, NaN checks, time budget, early stopping, Ctrl-C) and `Processes` (several processes under torchrun)."""
+"""harness.py: the run around a method: `Run` (the run folder: config, metrics, status, a model card), `main` (how a
+run ends: completed, interrupted or failed, with one line saying why), checkpoints, `TrainLoop` (what surrounds a
+training loop: resume, NaN checks, time budget, early stopping, Ctrl-C; `window_rows` and `memory_mb` measure it) and
+`Processes` (several processes under torchrun)."""
 import contextlib
 import datetime as dt
 import json
@@ -12,6 +13,7 @@ import time
 import traceback
 from datetime import datetime
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -90,9 +92,9 @@ class Run:
         self.dir = os.path.join(args.out, script, self.run_id)
         os.makedirs(self.dir, exist_ok=True)
         self.status, Run.active = {"script": script, "run_id": self.run_id, "state": "running", "message": None}, self
-        self._write(self.path("config.json"), {"script": script, **vars(args)})
+        self.write(self.path("config.json"), {"script": script, **vars(args)})
         self.progress("start", 0, 1, force=True)
-        self._write(os.path.join(args.out, "LATEST_RUN.txt"), os.path.join(script, self.run_id) + "\n")
+        self.write(os.path.join(args.out, "LATEST_RUN.txt"), os.path.join(script, self.run_id) + "\n")
         os.symlink(os.path.join(script, self.run_id), f"{args.out}/current.tmp{os.getpid()}")  # outputs/current
         os.replace(f"{args.out}/current.tmp{os.getpid()}", f"{args.out}/current")
 
@@ -100,7 +102,7 @@ class Run:
         return os.path.join(self.dir, name)
 
     @staticmethod
-    def _write(path, obj):  # a temp file, then rename: a reader (the dashboard) never sees half a file
+    def write(path, obj):  # a temp file, then rename: a reader (the dashboard) never sees half a file
         with open(f"{path}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
             f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2, default=lambda o: getattr(
                 o, "tolist", o.__str__)()))
@@ -114,18 +116,41 @@ class Run:
             self.status.update(elapsed_s=round(self._last - self.t0, 1),
                                updated=datetime.now().isoformat("T", "seconds"),
                                figures=sorted(f for f in os.listdir(self.dir) if f.endswith(".png")))
-            self._write(self.path("status.json"), self.status)
+            self.write(self.path("status.json"), self.status)
 
     def log(self, **metrics):
         self.metrics.update(metrics)
-        self._write(self.path("metrics.json"), self.metrics)
+        self.write(self.path("metrics.json"), self.metrics)
+
+    def report(self, title, about, config, figures):
+        """report.md, a model card: the paragraphs `about`, the configuration, the final figures, links to the plots."""
+        def table(d, what):
+            return [f"| {what} | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" if isinstance(v, float) else
+                                                          f"| {k} | {v} |" for k, v in d.items()]
+        plots = [f"- [{f}]({f})" for f in sorted(os.listdir(self.dir)) if f.endswith((".png", ".gif"))]
+        lines = [f"# {title} (run {self.run_id})", ""] + [line for p in about for line in (p, "")]
+        lines += ["## Configuration", "", *table(config, "setting"), "", "## Final figures", "",
+                  *table(figures, "metric"), ""]
+        self.write(self.path("report.md"), "\n".join(lines + ["## Plots", "", *plots]) + "\n")
 
     def finish(self, state="completed", message=None):
         self.status.update(state=state, message=message)
-        self.log(wall_time_s=round(time.time() - self.t0, 2))
+        self.log(wall_time_s=round(time.time() - self.t0, 2), peak_rss_mb=memory_mb(torch.device("cpu"))["rss_mb"])
         self.progress(self.status["phase"], *((1, 1) if state == "completed" else (self.status["step"],
                                                                                   self.status["total"])), force=True)
         Run.active = None
+
+
+def memory_mb(device):
+    """This process's memory: CUDA allocated, reserved and peak (then reset: a peak per call), or the peak resident set
+    so far."""
+    if device.type == "cuda":
+        out = {f"cuda_{k}_mb": f(device) / 2**20 for k, f in (("allocated", torch.cuda.memory_allocated),
+               ("reserved", torch.cuda.memory_reserved), ("peak", torch.cuda.max_memory_allocated))}
+        torch.cuda.reset_peak_memory_stats(device)
+        return out
+    import resource  # kilobytes on Linux
+    return {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
 
 
 def main(fn):
@@ -251,6 +276,21 @@ class TrainLoop:
                          **{k: obj.state_dict() for k, obj in self.state.items()}}, self.path)
 
 
+def window_rows(loop):
+    """A row per window of a TrainLoop's history (`loop.s`, or a checkpoint's "loop"): its step, the statistics of the
+    window's step losses (which the checkpoint keeps) in place of their mean "train", and the window's metrics."""
+    rows, first, history = [], 0, loop["history"]
+    for r in [dict(zip(history, v)) for v in zip(*history.values())]:
+        step = r.pop("step")
+        losses = np.array(loop["losses"][first:step])
+        del r["train"]  # the window's mean: loss_mean below
+        rows.append({"step": step, "loss_mean": float(losses.mean()), "loss_std": float(losses.std()),
+                     "loss_min": float(losses.min()), "loss_max": float(losses.max()),
+                     "loss_median": float(np.median(losses)), **r})
+        first = step
+    return rows
+
+
 # ----------------------------------------------------------------------------- several processes (torchrun)
 class Processes:
     """This process's place in a torchrun launch (one machine or several, under Slurm or not), from the environment
@@ -260,6 +300,16 @@ class Processes:
         self.rank, self.local_rank = int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
         self.world, self.restarts = int(env.get("WORLD_SIZE", 1)), int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
         self.max_restarts, self.device, self.stepping = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)), None, False
+
+    def resume_from(self, args, script, latest="checkpoints/latest.pt"):
+        """What a training run continues: --resume PATH; with --resume auto, or in a worker group that torchrun
+        restarted (--max-restarts), the --run-id run's `latest` if there is one (else None: a fresh start)."""
+        if not args.checkpoint and (args.resume == "auto" or self.max_restarts) and not args.run_id:
+            raise UsageError("--resume auto and torchrun --max-restarts need --run-id: the run folder to continue")
+        if (args.resume == "auto" or self.restarts) and not args.checkpoint:
+            path = os.path.join(args.out, script, args.run_id, latest)
+            return path if os.path.isfile(path) else None
+        return args.resume
 
     def place(self, device):
         """This process's device: on CUDA the local rank's GPU, else `device` itself. Nothing is touched yet: a rank

@@ -4,6 +4,7 @@ how main ends a run, and TrainLoop on a tiny model against the same steps writte
 interrupt, a crash or the time budget, NaN detection, early stopping."""
 import argparse
 import json
+import math
 import os
 import signal
 import types
@@ -341,13 +342,32 @@ def test_run_folder_files_are_written_whole(tmp_path, monkeypatch):
     run.log(loss=0.25, eval={"fid": torch.tensor(1.5)})
     run.log(acc=0.75)  # merged into metrics.json
     assert json.load(open(run.path("metrics.json"))) == {"loss": 0.25, "eval": {"fid": 1.5}, "acc": 0.75}
+    run.report("demo: a model card", ["What it is.", "How to use it."], {"lr": 0.5, "steps": 10},
+               {"loss": 0.123456789, "state": "ok"})
+    card = open(run.path("report.md")).read().splitlines()
+    assert card[:5] == ["# demo: a model card (run r)", "", "What it is.", "", "How to use it."]
+    assert {"## Configuration", "| lr | 0.5 |", "| steps | 10 |", "## Final figures", "| loss | 0.123457 |",
+            "| state | ok |", "## Plots", "- [loss.png](loss.png)"} <= set(card)
     run.finish()
     st, metrics = json.load(open(run.path("status.json"))), json.load(open(run.path("metrics.json")))
     assert st["state"] == "completed" and st["progress"] == 1.0 and "wall_time_s" in metrics
+    assert 10 < metrics["peak_rss_mb"] < 10**6  # this process (python + torch) in MB, not kB or bytes
     assert harness.Run.active is None
     written = {os.path.basename(dst) for src, dst in renamed if ".tmp" in os.path.basename(src)}
-    assert written >= {"config.json", "status.json", "metrics.json", "LATEST_RUN.txt", "current"}
+    assert written >= {"config.json", "status.json", "metrics.json", "LATEST_RUN.txt", "current", "report.md"}
     assert not [f for d in (tmp_path, run.dir) for f in os.listdir(d) if ".tmp" in f]
+
+
+def test_window_rows_give_each_windows_loss_statistics():
+    """Windows of 2 and 4 steps with losses 1..6: mean, population std, extremes and median by hand."""
+    loop = {"losses": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            "history": {"step": [2, 6], "train": [1.5, 4.5], "epoch": [1, 2], "lr": [0.1, 0.05]}}
+    rows = harness.window_rows(loop)
+    assert rows[0] == {"step": 2, "loss_mean": 1.5, "loss_std": 0.5, "loss_min": 1.0, "loss_max": 2.0,
+                       "loss_median": 1.5, "epoch": 1, "lr": 0.1}
+    assert rows[1]["loss_std"] == pytest.approx(math.sqrt(1.25)) and rows[1]["loss_median"] == 4.5
+    assert (rows[1]["loss_mean"], rows[1]["loss_min"], rows[1]["loss_max"], rows[1]["epoch"]) == (4.5, 3.0, 6.0, 2)
+    assert "train" in loop["history"] and harness.window_rows({"losses": [], "history": {}}) == []
 
 
 def test_latest_run_and_current_name_the_newest_run(tmp_path):

@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do [ "$1" = --run-id ] && rid=$2; shift; done
 [ "$script" = "$FAIL_AT" ] && { echo "boom in $script" >&2; exit 3; }
 mkdir -p "outputs/$script/$rid"
 echo '{"state": "completed"}' > "outputs/$script/$rid/status.json"
-echo '{"wall_time_s": 1.5, "eval": {"fid": 2.5, "fid_floor": 1.0, "n": 100, "mean_top_prob": 0.9}}' > "outputs/$script/$rid/metrics.json"
+echo '{"wall_time_s": 1.5, "peak_rss_mb": 812.4, "eval": {"fid": 2.5, "fid_floor": 1.0, "n": 100, "mean_top_prob": 0.9}}' > "outputs/$script/$rid/metrics.json"
 echo "wrote outputs/$script/$rid"
 """
 
@@ -55,7 +55,7 @@ def test_runs_every_step_in_order_then_writes_the_summary(tmp_path):
     assert "outputs/edm_mnist/runall-quick/checkpoint.pt" in scripts[5]  # posterior and SVD use the EDM step's model
     summary = (repo / "outputs" / "summary.md").read_text()
     for step, script in STEPS:
-        assert f"| {step} | {script}/runall-quick | completed | 2 s |" in summary
+        assert f"| {step} | {script}/runall-quick | completed | 2 s | 812 MB |" in summary
     assert "FID 2.50 (floor 1.00, N=100)" in summary and "| emnist_ddp | emnist_ddp/runall-quick |" in r.stdout
 
 

@@ -1,4 +1,4 @@
-"""Summarize finished runs: one markdown row per step with its state, wall time and headline metrics.
+"""Summarize finished runs: one markdown row per step with its state, wall time, peak memory and headline metrics.
 
 Usage: python tools/summary.py OUT_MD STEP=SCRIPT/RUN_ID [STEP=SCRIPT/RUN_ID ...]   (paths relative to outputs/)
 run_all.sh calls it at the end and writes outputs/summary.md; the table is printed too.
@@ -45,7 +45,7 @@ def headline(script, m):
 
 
 def main():
-    out_md, rows = sys.argv[1], ["| step | run | state | wall | headline |", "|---|---|---|---|---|"]
+    out_md, rows = sys.argv[1], ["| step | run | state | wall | peak memory | headline |", "|---|---|---|---|---|---|"]
     root = os.path.dirname(out_md) or "."
     for item in sys.argv[2:]:
         step, run = item.split("=", 1)
@@ -57,9 +57,9 @@ def main():
                     target.update(json.load(fh))
             except (OSError, ValueError):
                 pass
-        wall = metrics.get("wall_time_s")
+        wall, rss = metrics.get("wall_time_s"), metrics.get("peak_rss_mb")  # rss: the process (rank 0's), not a GPU
         rows.append(f"| {step} | {run} | {status.get('state', 'missing')} | {f(wall, '.0f') + ' s' if wall else '-'} | "
-                    f"{headline(run.split('/')[0], metrics)} |")
+                    f"{f(rss, '.0f') + ' MB' if rss else '-'} | {headline(run.split('/')[0], metrics)} |")
     text = "\n".join(rows) + "\n"
     with open(out_md, "w") as fh:
         fh.write("# run_all.sh summary\n\n" + text)
