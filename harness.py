@@ -1,7 +1,7 @@
 """harness.py: the run around a method: `Run` (the run folder: config, metrics, status, a model card), `main` (how a
 run ends: completed, interrupted or failed, with one line saying why), checkpoints, `TrainLoop` (what surrounds a
-training loop: resume, NaN checks, time budget, early stopping, Ctrl-C; `window_rows` and `memory_mb` measure it) and
-`Processes` (several processes under torchrun)."""
+training loop: resume, NaN checks, time budget, early stopping, Ctrl-C; `window_rows`, its windows' loss statistics),
+`memory_mb` and `Processes` (several processes under torchrun)."""
 import contextlib
 import datetime as dt
 import json
@@ -143,14 +143,17 @@ class Run:
 
 def memory_mb(device):
     """This process's memory: CUDA allocated, reserved and peak (then reset: a peak per call), or the peak resident set
-    so far."""
+    so far (None where the OS does not say: Windows)."""
     if device.type == "cuda":
         out = {f"cuda_{k}_mb": f(device) / 2**20 for k, f in (("allocated", torch.cuda.memory_allocated),
                ("reserved", torch.cuda.memory_reserved), ("peak", torch.cuda.max_memory_allocated))}
         torch.cuda.reset_peak_memory_stats(device)
         return out
-    import resource  # kilobytes on Linux
-    return {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
+    try:
+        import resource
+    except ImportError:
+        return {"rss_mb": None}
+    return {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**(20 if sys.platform == "darwin" else 10)}
 
 
 def main(fn):
@@ -303,7 +306,8 @@ class Processes:
 
     def resume_from(self, args, script, latest="checkpoints/latest.pt"):
         """What a training run continues: --resume PATH; with --resume auto, or in a worker group that torchrun
-        restarted (--max-restarts), the --run-id run's `latest` if there is one (else None: a fresh start)."""
+        restarted (--max-restarts; a --resume PATH is then ignored), the --run-id run's `latest` if there is one (else
+        None: a fresh start). Both, and --max-restarts, need --run-id (a UsageError)."""
         if not args.checkpoint and (args.resume == "auto" or self.max_restarts) and not args.run_id:
             raise UsageError("--resume auto and torchrun --max-restarts need --run-id: the run folder to continue")
         if (args.resume == "auto" or self.restarts) and not args.checkpoint:

@@ -351,7 +351,7 @@ def test_run_folder_files_are_written_whole(tmp_path, monkeypatch):
     run.finish()
     st, metrics = json.load(open(run.path("status.json"))), json.load(open(run.path("metrics.json")))
     assert st["state"] == "completed" and st["progress"] == 1.0 and "wall_time_s" in metrics
-    assert 10 < metrics["peak_rss_mb"] < 10**6  # this process (python + torch) in MB, not kB or bytes
+    assert 10 < metrics["peak_rss_mb"] < 10**5  # this process (python + torch) in MB, not kB or bytes
     assert harness.Run.active is None
     written = {os.path.basename(dst) for src, dst in renamed if ".tmp" in os.path.basename(src)}
     assert written >= {"config.json", "status.json", "metrics.json", "LATEST_RUN.txt", "current", "report.md"}

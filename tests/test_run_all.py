@@ -21,7 +21,8 @@ while [ $# -gt 0 ]; do [ "$1" = --run-id ] && rid=$2; shift; done
 [ "$script" = "$FAIL_AT" ] && { echo "boom in $script" >&2; exit 3; }
 mkdir -p "outputs/$script/$rid"
 echo '{"state": "completed"}' > "outputs/$script/$rid/status.json"
-echo '{"wall_time_s": 1.5, "peak_rss_mb": 812.4, "eval": {"fid": 2.5, "fid_floor": 1.0, "n": 100, "mean_top_prob": 0.9}}' > "outputs/$script/$rid/metrics.json"
+m='{"wall_time_s": 1.5, "peak_rss_mb": 812.4, "eval": {"fid": 2.5, "fid_floor": 1.0, "n": 100, "mean_top_prob": 0.9}}'
+echo "$m" > "outputs/$script/$rid/metrics.json"
 echo "wrote outputs/$script/$rid"
 """
 
