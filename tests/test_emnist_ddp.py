@@ -22,7 +22,7 @@ import torch
 
 import common
 import harness
-import emnist_ddp as E
+import emnist_ddp
 from conftest import ROOT, core_namespace
 
 # 564 tiny images, global batch 188: 3 steps per epoch (94 per rank with 2 processes); 16 px, channels 8,16,32
@@ -93,7 +93,7 @@ def one_thread():
 def in_process(monkeypatch, *args):
     """emnist_ddp.main() in this process (no interpreter or torch start-up), as `python emnist_ddp.py ARGS` runs it."""
     monkeypatch.setattr(sys, "argv", ["emnist_ddp.py", *args])
-    E.main()
+    emnist_ddp.main()
 
 
 def ckpt(run_dir, epoch=None):
@@ -111,20 +111,21 @@ def error_lines(stderr):
 
 # ----------------------------------------------------------------------------- closed forms, pure functions
 def test_class_mapping_has_47_characters_and_merges_lookalikes():
-    assert len(E.CLASSES) == 47 == len(set(E.CLASSES)) == E.N_CLASSES
-    assert E.CLASSES[:10] == list("0123456789") and E.CLASSES[10] == "A" and E.CLASSES[36] == "a"
+    classes = emnist_ddp.CLASSES
+    assert len(classes) == 47 == len(set(classes)) == emnist_ddp.N_CLASSES
+    assert classes[:10] == list("0123456789") and classes[10] == "A" and classes[36] == "a"
     if os.path.isfile(MAPPING):  # the official emnist-balanced-mapping.txt: "index ascii-code" per line
         official = [chr(int(line.split()[1])) for line in open(MAPPING) if line.strip()]
-        assert official == E.CLASSES
-    assert E.char_to_class("k") == E.CLASSES.index("K") and E.char_to_class("o") == E.CLASSES.index("O")
-    assert E.char_to_class("a") == 36 and E.char_to_class("3") == 3
+        assert official == emnist_ddp.CLASSES
+    assert emnist_ddp.char_to_class("k") == classes.index("K") and emnist_ddp.char_to_class("o") == classes.index("O")
+    assert emnist_ddp.char_to_class("a") == 36 and emnist_ddp.char_to_class("3") == 3
     with pytest.raises(common.UsageError):
-        E.char_to_class("#")
+        emnist_ddp.char_to_class("#")
 
 
 def test_cosine_schedule_is_capped_and_matches_closed_form():
     T, s = 600, 0.008
-    sch = E.Schedule(E.cosine_beta(T))
+    sch = emnist_ddp.Schedule(emnist_ddp.cosine_beta(T))
     f = lambda t: math.cos(((t / T) + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
     closed = np.array([f(t) / f(0) for t in range(1, T + 1)])
     assert np.allclose(sch.alpha_bar[:-1].numpy(), closed[:-1], rtol=1e-4)  # the capped last step is reflected
@@ -136,16 +137,16 @@ def test_cosine_schedule_is_capped_and_matches_closed_form():
 
 
 def test_timestep_embedding_is_sin_then_cos():
-    e = E.timestep_embedding(torch.tensor([0, 3]), 8)
+    e = emnist_ddp.timestep_embedding(torch.tensor([0, 3]), 8)
     w = [10000 ** (-k / 4) for k in range(4)]
     assert torch.allclose(e[1], torch.tensor([math.sin(3 * x) for x in w] + [math.cos(3 * x) for x in w]))
     assert torch.equal(e[0], torch.tensor([0.0] * 4 + [1.0] * 4))
 
 
 def test_q_sample_is_the_closed_form():
-    sch = E.Schedule(E.cosine_beta(20))
+    sch = emnist_ddp.Schedule(emnist_ddp.cosine_beta(20))
     x0, eps, i = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.tensor([0, 19])
-    xt = E.q_sample(x0, i, eps, sch)
+    xt = emnist_ddp.q_sample(x0, i, eps, sch)
     for b in range(2):
         ab = sch.alpha_bar[i[b]]
         assert torch.allclose(xt[b], ab.sqrt() * x0[b] + (1 - ab).sqrt() * eps[b])
@@ -154,7 +155,7 @@ def test_q_sample_is_the_closed_form():
 def test_the_sampler_lands_on_a_point_mass_given_the_true_noise():
     """Data = one image c. The exact eps of x_t is (x_t - sqrt(alpha_bar_t) c) / sqrt(1 - alpha_bar_t), so x0_hat = c at
     every step, and the last step (alpha_bar_0 = 1, no noise) returns c exactly."""
-    sch, c = E.Schedule(E.cosine_beta(30)), torch.linspace(-0.9, 0.9, 16).view(1, 1, 4, 4)
+    sch, c = emnist_ddp.Schedule(emnist_ddp.cosine_beta(30)), torch.linspace(-0.9, 0.9, 16).view(1, 1, 4, 4)
 
     class Oracle(torch.nn.Module):
         null_class, calls = 47, 0
@@ -164,7 +165,8 @@ def test_the_sampler_lands_on_a_point_mass_given_the_true_noise():
             ab = sch.alpha_bar[i].view(-1, 1, 1, 1)
             return (x - ab.sqrt() * c) / (1 - ab).sqrt()
 
-    x, traj = E.sample(Oracle(), sch, torch.tensor([3, 5]), 2.0, 4, torch.Generator().manual_seed(0), record_every=10)
+    x, traj = emnist_ddp.sample(Oracle(), sch, torch.tensor([3, 5]), 2.0, 4, torch.Generator().manual_seed(0),
+                                record_every=10)
     assert torch.allclose(x, c.expand(2, -1, -1, -1), atol=1e-5)
     assert Oracle.calls == 30 and len(traj) == 4  # one batched call per step; x_T and t = 21, 11, 1
 
@@ -172,22 +174,22 @@ def test_the_sampler_lands_on_a_point_mass_given_the_true_noise():
 def test_ema_update_with_warmup():
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     e0 = [p.detach().clone() for p in a.parameters()]
-    assert E.ema_update(a, b, 0, 0.999) == pytest.approx(0.1)
+    assert emnist_ddp.ema_update(a, b, 0, 0.999) == pytest.approx(0.1)
     for pe, p0, p in zip(a.parameters(), e0, b.parameters()):
         assert torch.allclose(pe, 0.1 * p0 + 0.9 * p)
-    assert E.ema_update(a, b, 10**6, 0.999) == pytest.approx(0.999)
+    assert emnist_ddp.ema_update(a, b, 10**6, 0.999) == pytest.approx(0.999)
 
 
 def test_unet_shapes_for_three_and_four_levels():
     for chans, size in (((8, 16, 32), 16), ((8, 16, 16, 16), 32)):
-        m = E.UNet(chans)
+        m = emnist_ddp.UNet(chans)
         x = torch.randn(2, 1, size, size)
         assert m(x, torch.tensor([0, 5]), torch.tensor([3, 47])).shape == x.shape
 
 
 def test_global_batch_noise_does_not_depend_on_world_size():
     args = type("A", (), dict(batch_size=6, image_size=4, T=50, p_uncond=0.5))()
-    draw = lambda rank, world: E.global_batch_noise(torch.Generator().manual_seed(3), args,  # noqa: E731
+    draw = lambda rank, world: emnist_ddp.global_batch_noise(torch.Generator().manual_seed(3), args,  # noqa: E731
                                                     harness.Processes({"RANK": rank, "WORLD_SIZE": world}))
     full, parts = draw(0, 1), [draw(r, 2) for r in (0, 1)]
     for k in range(3):  # rank r holds the global positions r, r + 2, ...
@@ -221,7 +223,7 @@ def test_the_core_runs_alone_trains_and_samples():
     (["--resume", "a.pt", "--checkpoint", "b.pt"], "give one")])
 def test_bad_flags_exit_2_with_one_line(flags, says, capsys):
     with pytest.raises(SystemExit) as e:
-        E.parse_args([*flags, "--out", "/tmp"])
+        emnist_ddp.parse_args([*flags, "--out", "/tmp"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err
 
@@ -234,13 +236,13 @@ def test_bad_files_are_named_before_anything_is_written(tmp_path, monkeypatch):
                              ("--data-root", tmp_path / "nowhere", "emnist-balanced not found in .*nowhere")):
         monkeypatch.setattr(sys, "argv", ["emnist_ddp.py", "--quick", flag, str(path), "--out", str(tmp_path / "out")])
         with pytest.raises(common.UsageError, match=says):
-            E.prepare(harness.Processes({}))
+            emnist_ddp.prepare(harness.Processes({}))
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "nowhere")
 
 
 def test_a_checkpoint_of_the_older_format_is_sampled_but_not_resumed(tmp_path, monkeypatch):
     """The per-epoch files written before the redesign (no training-loop state) can still be sampled."""
-    old = {"script": "emnist_ddp", "kind": "model", "ema": E.UNet((8, 16)).state_dict(), "epoch": 1,
+    old = {"script": "emnist_ddp", "kind": "model", "ema": emnist_ddp.UNet((8, 16)).state_dict(), "epoch": 1,
            "history": [{"epoch": 1, "step": 3, "loss_mean": 1.0, "loss_std": 0.1, "loss_min": 0.9, "loss_max": 1.1,
                         "loss_median": 1.0, "lr": 1e-4, "grad_norm": 2.0, "samples_per_s": 9.0, "batches_per_s": 0.1,
                         "rss_mb": 800.0, "ema_divergence": 0.01, "epoch_s": 30.0, "wall_s": 30.0}],
@@ -255,7 +257,7 @@ def test_a_checkpoint_of_the_older_format_is_sampled_but_not_resumed(tmp_path, m
     assert os.path.isfile(os.path.join(d, "dashboard.png"))  # the curves of the run that wrote it
     monkeypatch.setattr(sys, "argv", ["emnist_ddp.py", "--resume", path, "--out", out])
     with pytest.raises(common.UsageError, match="older format"):
-        E.prepare(harness.Processes({}))
+        emnist_ddp.prepare(harness.Processes({}))
 
 
 # ----------------------------------------------------------------------------- torchrun, 2 CPU processes
@@ -427,11 +429,11 @@ def test_resume_auto_and_a_restarted_group_continue_the_run_folder(runs, monkeyp
                                ({"TORCHELASTIC_MAX_RESTARTS": "1"}, ["--run-id", "new"], None),
                                ({}, ["--resume", "auto", "--run-id", "new"], None)):
         monkeypatch.setattr(sys, "argv", ["emnist_ddp.py", *runs["args"], *flags])
-        assert E.prepare(harness.Processes(env))[0].resume == resume, (env, flags)
+        assert emnist_ddp.prepare(harness.Processes(env))[0].resume == resume, (env, flags)
     for env, flags in (({}, ["--resume", "auto"]), ({"TORCHELASTIC_MAX_RESTARTS": "1"}, [])):
         monkeypatch.setattr(sys, "argv", ["emnist_ddp.py", *runs["args"], *flags])
         with pytest.raises(common.UsageError, match="need --run-id"):
-            E.prepare(harness.Processes(env))
+            emnist_ddp.prepare(harness.Processes(env))
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -469,10 +471,10 @@ def test_slurm_script_parses_and_passes_only_known_flags(name):
                 and "emnist_ddp.py" in ln)
     tokens = shlex.split(line.split("emnist_ddp.py", 1)[1])
     flags = {t.split("=")[0] for t in tokens if t.startswith("--")}
-    known = {s for a in E.build_parser()._actions for s in a.option_strings}
+    known = {s for a in emnist_ddp.build_parser()._actions for s in a.option_strings}
     assert flags and flags <= known, flags - known
     preset = re.search(r"PRESET=\$\{PRESET:-(\w+)\}", text).group(1)
-    assert preset in E.PRESETS and preset != "quick"
+    assert preset in emnist_ddp.PRESETS and preset != "quick"
     assert re.search(r"^#SBATCH --output=", text, re.M) and re.search(r"^#SBATCH --error=", text, re.M)
     if "multinode" in name:
         assert "srun" in line and "--rdzv_backend=c10d" in line and "--rdzv_endpoint=" in line
