@@ -254,8 +254,9 @@ def write_metrics(run, args, dd, rows, checkpoint=None, epoch=0):
     whole, then renamed: a reader never sees half a file."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
-    run.write(run.path("metrics.csv"), "\n".join(lines) + "\n")
-    run.write(run.path("metrics_snapshot.json"), {"config": vars(args), "world_size": dd.world, "epochs": rows})
+    harness.write_atomic(run.path("metrics.csv"), "\n".join(lines) + "\n")
+    harness.write_atomic(run.path("metrics_snapshot.json"), {"config": vars(args), "world_size": dd.world,
+                                                          "epochs": rows})
     run.log(last_epoch=rows[-1], world_size=dd.world, restarts=dd.restarts)
     if epoch:
         c = "-".join(str(v) for v in args.channels)

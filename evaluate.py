@@ -243,9 +243,7 @@ def save_judge(ckpt, path):
     """Write the cache atomically, plus a small JSON beside it for humans and dashboards (also atomically)."""
     harness.save_atomic(ckpt, path)
     info = {k: ckpt[k] for k in ("config", "test_accuracy", "train_seconds", "n_ref", "floors")}
-    with open(f"{path[:-3]}.json.tmp{os.getpid()}", "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(f"{path[:-3]}.json.tmp{os.getpid()}", path[:-3] + ".json")
+    harness.write_atomic(path[:-3] + ".json", info)
 
 
 # ----------------------------------------------------------------------------- evaluation

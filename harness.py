@@ -43,6 +43,15 @@ def save_atomic(obj, path):
     os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
+def write_atomic(path, obj):
+    """A text, or an object as JSON (tensors as lists), to a temp file, then rename: a reader (the dashboard) never
+    sees half a file."""
+    with open(f"{path}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
+        f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2, default=lambda o: getattr(
+            o, "tolist", o.__str__)()))
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
 def resumed(args, ckpt, may_change=()):
     """The settings of a resumed run: the checkpoint's, except the run's place (--out, --run-id, --device) and, when
     given, --data-root and the flags in `may_change`. Another flag given with a different value is an error: a
@@ -92,21 +101,14 @@ class Run:
         self.dir = os.path.join(args.out, script, self.run_id)
         os.makedirs(self.dir, exist_ok=True)
         self.status, Run.active = {"script": script, "run_id": self.run_id, "state": "running", "message": None}, self
-        self.write(self.path("config.json"), {"script": script, **vars(args)})
+        write_atomic(self.path("config.json"), {"script": script, **vars(args)})
         self.progress("start", 0, 1, force=True)
-        self.write(os.path.join(args.out, "LATEST_RUN.txt"), os.path.join(script, self.run_id) + "\n")
+        write_atomic(os.path.join(args.out, "LATEST_RUN.txt"), os.path.join(script, self.run_id) + "\n")
         os.symlink(os.path.join(script, self.run_id), f"{args.out}/current.tmp{os.getpid()}")  # outputs/current
         os.replace(f"{args.out}/current.tmp{os.getpid()}", f"{args.out}/current")
 
     def path(self, name):
         return os.path.join(self.dir, name)
-
-    @staticmethod
-    def write(path, obj):  # a temp file, then rename: a reader (the dashboard) never sees half a file
-        with open(f"{path}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
-            f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2, default=lambda o: getattr(
-                o, "tolist", o.__str__)()))
-        os.replace(f"{path}.tmp{os.getpid()}", path)
 
     def progress(self, phase, step, total, force=False):
         """Where the run is; status.json is rewritten at most every 2 s unless forced."""
@@ -116,11 +118,11 @@ class Run:
             self.status.update(elapsed_s=round(self._last - self.t0, 1),
                                updated=datetime.now().isoformat("T", "seconds"),
                                figures=sorted(f for f in os.listdir(self.dir) if f.endswith(".png")))
-            self.write(self.path("status.json"), self.status)
+            write_atomic(self.path("status.json"), self.status)
 
     def log(self, **metrics):
         self.metrics.update(metrics)
-        self.write(self.path("metrics.json"), self.metrics)
+        write_atomic(self.path("metrics.json"), self.metrics)
 
     def report(self, title, about, config, figures):
         """report.md, a model card: the paragraphs `about`, the configuration, the final figures, links to the plots."""
@@ -131,7 +133,7 @@ class Run:
         lines = [f"# {title} (run {self.run_id})", ""] + [line for p in about for line in (p, "")]
         lines += ["## Configuration", "", *table(config, "setting"), "", "## Final figures", "",
                   *table(figures, "metric"), ""]
-        self.write(self.path("report.md"), "\n".join(lines + ["## Plots", "", *plots]) + "\n")
+        write_atomic(self.path("report.md"), "\n".join(lines + ["## Plots", "", *plots]) + "\n")
 
     def finish(self, state="completed", message=None):
         self.status.update(state=state, message=message)
